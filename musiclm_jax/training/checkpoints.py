@@ -1,0 +1,89 @@
+"""Self-describing orbax checkpoints of a training run.
+
+Each step directory holds three items:
+  state          the `TrainState` (params, optimizer state, step, RNG)
+  data_iterator  the input pipeline's reading position (JSON)
+  manifest       what the checkpoint is: gin config, token layout, package
+                 version, model class (JSON), so that it can be read without
+                 the code that wrote it at hand.
+
+Saves are asynchronous and atomic (orbax writes to a temporary directory and
+renames it when complete, so a killed save never replaces the last good
+checkpoint). Restoring takes an abstract state whose leaves carry the
+*current* shardings, so a checkpoint restores onto any mesh.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+import gin
+import orbax.checkpoint as ocp
+
+STATE, DATA, MANIFEST = "state", "data_iterator", "manifest"
+
+
+@gin.configurable
+class Checkpointer:
+  """Keeps the newest `max_to_keep` checkpoints of a run in `directory`.
+
+  Args:
+    directory: where step directories live (usually `MODEL_DIR/checkpoints`).
+    save_every_steps: periodic save interval; `save(force=True)` saves anyway.
+    max_to_keep: older checkpoints are deleted.
+    async_save: write in a background thread while training continues.
+  """
+
+  def __init__(self, directory: str, save_every_steps: int = 1000, max_to_keep: int = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every_steps, max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(STATE, DATA, MANIFEST))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is due for a periodic save."""
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any],
+           manifest: dict[str, Any], force: bool = False) -> bool:
+    """Starts saving (returns at once when async); True if a save started."""
+    saved = self._manager.save(
+        step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state),
+            DATA: ocp.args.JsonSave(data_state),
+            MANIFEST: ocp.args.JsonSave(manifest)}),
+        force=force)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state: Any
+              ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Restores `(state, data_state, manifest)` onto `abstract_state`'s shardings."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state),
+        DATA: ocp.args.JsonRestore(),
+        MANIFEST: ocp.args.JsonRestore()}))
+    return restored[STATE], restored[DATA], restored[MANIFEST]
+
+  def read_manifest(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        **{MANIFEST: ocp.args.JsonRestore()}))[MANIFEST]
+
+  def wait(self) -> None:
+    """Blocks until the save in flight (if any) is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
