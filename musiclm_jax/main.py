@@ -104,3 +104,7 @@ def main(argv: Sequence[str]) -> int:
 def run() -> None:
   """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -30,7 +30,8 @@ class Checkpointer:
 
   Args:
     directory: where step directories live (usually `MODEL_DIR/checkpoints`).
-    save_every_steps: periodic save interval; `save(force=True)` saves anyway.
+    save_every_steps: interval of periodic saves (`should_save`); the trainer
+      also saves at the end and on SIGTERM.
     max_to_keep: older checkpoints are deleted.
     async_save: write in a background thread while training continues.
   """
@@ -38,8 +39,9 @@ class Checkpointer:
   def __init__(self, directory: str, save_every_steps: int = 1000, max_to_keep: int = 3,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self.save_every_steps = save_every_steps
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every_steps, max_to_keep=max_to_keep,
+        max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=(STATE, DATA, MANIFEST))
@@ -52,20 +54,18 @@ class Checkpointer:
 
   def should_save(self, step: int) -> bool:
     """Whether `step` is due for a periodic save."""
-    return self._manager.should_save(step)
+    return step % self.save_every_steps == 0
 
   def save(self, step: int, state: Any, data_state: dict[str, Any],
-           manifest: dict[str, Any], force: bool = False) -> bool:
-    """Starts saving (returns at once when async); True if a save started."""
-    saved = self._manager.save(
+           manifest: dict[str, Any]) -> None:
+    """Starts saving step `step` (returns at once when async)."""
+    self._manager.save(
         step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state),
             DATA: ocp.args.JsonSave(data_state),
             MANIFEST: ocp.args.JsonSave(manifest)}),
-        force=force)
-    if saved:
-      logging.info("checkpoint: saving step %d to %s", step, self.directory)
-    return saved
+        force=True)
+    logging.info("checkpoint: saving step %d to %s", step, self.directory)
 
   def restore(self, step: int, abstract_state: Any
               ) -> tuple[Any, dict[str, Any], dict[str, Any]]:

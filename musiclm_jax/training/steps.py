@@ -70,7 +70,8 @@ def make_train_step(model: DecoderOnlyModel, optimizer: Optimizer,
                               opt_state=opt_state)
     metrics = {"loss": sums["loss"] / weight, "z_loss": sums["z_loss"] / weight,
                "accuracy": sums["correct"] / weight,
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates),
                "learning_rate": optimizer.schedule(state.step)}
     return new_state, metrics
 

@@ -154,7 +154,7 @@ def train(model_dir: str = gin.REQUIRED,
           writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
           last_metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         if must_save:
-          ckpt.save(step, state, train_iter.get_state(), manifest, force=True)
+          ckpt.save(step, state, train_iter.get_state(), manifest)
         if preempted:
           logging.warning("SIGTERM: saved step %d to %s; exiting", step, ckpt.directory)
           print(f"SIGTERM received: checkpoint of step {step} saved; exiting.",

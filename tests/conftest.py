@@ -1,0 +1,45 @@
+"""Test set-up: 8 virtual CPU devices and a clean gin config per test."""
+import os
+
+# Must be set before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import gin  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from musiclm_jax.layers.transformer import DecoderConfig  # pylint: disable=wrong-import-position
+from musiclm_jax.models import DecoderOnlyModel  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def tiny_config(**overrides) -> DecoderConfig:
+  """The `tiny` size of gin/sizes/tiny.gin, in float32 for tight comparisons."""
+  fields = dict(num_layers=2, num_heads=4, head_dim=16, d_model=64, d_ff=256,
+                dtype="float32")
+  fields.update(overrides)
+  return DecoderConfig(**fields)
+
+
+@pytest.fixture
+def tiny_model() -> DecoderOnlyModel:
+  return DecoderOnlyModel(tiny_config())
+
+
+def random_batch(rng: np.random.Generator, batch_size: int, length: int,
+                 prefix_length: int = 5) -> dict[str, np.ndarray]:
+  """Prefix-LM batch of random ids in [1, 2000)."""
+  from musiclm_jax.models import prefix_lm_example  # pylint: disable=g-import-not-at-top
+  examples = [prefix_lm_example(rng.integers(1, 2000, prefix_length),
+                                rng.integers(1, 2000, length - prefix_length - 2), length)
+              for _ in range(batch_size)]
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
