@@ -58,6 +58,8 @@ def test_adafactor_with_rsqrt_schedule_trains_on_a_sharded_mesh(tmp_path):
 def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
   uninterrupted = run(tmp_path / "a", 6)
   assert not uninterrupted.preempted
+  # Saved every 2 steps, the newest 2 kept.
+  assert Checkpointer(str(tmp_path / "a" / "checkpoints")).all_steps() == [4, 6]
 
   def preempt(step):
     if step == 3:

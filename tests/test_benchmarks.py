@@ -1,0 +1,31 @@
+"""Benchmarks run where TensorFlow is absent (the GPU image)."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Makes `import tensorflow` (and so seqio, clu's summary writer) fail.
+NO_TF = ("import runpy, sys; sys.modules['tensorflow'] = None; "
+         "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_train_throughput_runs_without_tensorflow():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  result = subprocess.run(
+      [sys.executable, "-c", NO_TF, "benchmarks/train_throughput.py", "--sizes", "tiny",
+       "--steps", "2", "--warmup", "0", "--length", "32", "--batch_size", "4",
+       "--dtype", "float32"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(result.stdout.strip().splitlines()[-1])
+  assert "error" not in row, row
+  assert row["size"] == "tiny" and row["num_devices"] == 2 and row["dtype"] == "float32"
+  assert row["tokens_per_sec"] > 0 and row["step_ms"] > 0
+  assert row["mfu"] is None  # no known peak FLOP/s for a CPU
+  # tiny: 2 layers of (4*64*64 + 3*64*256) + unembedding 64*25728 matmul params.
+  matmul_params = 2 * (4 * 64 * 64 + 3 * 64 * 256) + 64 * 25728
+  expected_flops = 6 * matmul_params * 4 * 32 + 4 * 4 * 32**2 * 64 * 3 / 2 * 2
+  achieved = row["tflops_per_device"] * 1e12 * 2 * row["step_ms"] / 1e3
+  assert abs(achieved - expected_flops) / expected_flops < 0.05
