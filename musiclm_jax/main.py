@@ -40,6 +40,9 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEARCH_PATHS = (REPO_DIR, os.path.join(REPO_DIR, "gin"))
 
 
+_SEARCH_PATHS_ADDED: set[str] = set()
+
+
 class GinConfigError(ValueError):
   """A gin file or binding could not be parsed or refers to something unknown."""
 
@@ -48,8 +51,9 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> None:
   """Parses files then bindings; errors name the file or binding at fault."""
   for path in [*search_paths, *DEFAULT_SEARCH_PATHS]:
-    if os.path.isdir(path) and path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+    if os.path.isdir(path) and path not in _SEARCH_PATHS_ADDED:
       gin.add_config_file_search_path(path)
+      _SEARCH_PATHS_ADDED.add(path)
   verbosity = logging.get_verbosity()
   # gin logs an error for every search path that misses, even when a later
   # one hits; a real failure is raised below with its own message.

@@ -106,8 +106,8 @@ def train(model_dir: str = gin.REQUIRED,
   state = _restore_or_init(ckpt, abstract_state, init_state, seed, train_iter, manifest)
   start_step = int(state.step)
 
-  example = next(task.iterator("train", batch_size))
-  batch_shardings = partitioner.batch_shardings(example)
+  # A throw-away batch from a fresh iterator gives the features' ranks.
+  batch_shardings = partitioner.batch_shardings(next(task.iterator("train", batch_size)))
   train_step = partitioner.partition(
       make_train_step(model, optimizer, num_microbatches),
       in_shardings=(state_shardings, batch_shardings),
@@ -122,8 +122,10 @@ def train(model_dir: str = gin.REQUIRED,
       tokens_per_step=batch_size * task.length,
       flops_per_step=model.train_flops(batch_size, task.length),
       peak_flops=metrics_lib.peak_flops_per_device(), num_devices=jax.device_count())
-  logging.info("training %s from step %d to %d on mesh %s", type(model).__name__,
-               start_step, num_steps, dict(partitioner.mesh.shape))
+  if jax.process_index() == 0:
+    print(f"Training {type(model).__name__} from step {start_step} to {num_steps} on "
+          f"mesh {dict(partitioner.mesh.shape)} ({jax.device_count()} "
+          f"{jax.devices()[0].platform} devices); the first step compiles.", flush=True)
 
   last_metrics: dict[str, float] = {}
   preempted = False
@@ -156,7 +158,6 @@ def train(model_dir: str = gin.REQUIRED,
         if must_save:
           ckpt.save(step, state, train_iter.get_state(), manifest)
         if preempted:
-          logging.warning("SIGTERM: saved step %d to %s; exiting", step, ckpt.directory)
           print(f"SIGTERM received: checkpoint of step {step} saved; exiting.",
                 flush=True)
           break
@@ -185,7 +186,6 @@ def _restore_or_init(ckpt: Checkpointer, abstract_state, init_state, seed: int,
   _check_compatible(ckpt.read_manifest(step), manifest, ckpt.directory, step)
   state, data_state, _ = ckpt.restore(step, abstract_state)
   train_iter.set_state(data_state)
-  logging.info("resumed from step %d of %s", step, ckpt.directory)
   print(f"Resuming from checkpoint step {step} in {ckpt.directory}", flush=True)
   return state
 
