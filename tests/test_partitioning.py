@@ -111,3 +111,34 @@ def test_gradient_accumulation_equals_full_batch():
   np.testing.assert_allclose(acc_metrics["grad_norm"], full_metrics["grad_norm"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), accumulated.params, full.params)
+
+
+def test_sharded_kv_cached_decoding_equals_single_device():
+  model = DecoderOnlyModel(tiny_config())
+  batch = random_batch(np.random.default_rng(6), 8, 12, prefix_length=3)
+  tokens, in_prefix = batch["decoder_input_tokens"], batch["decoder_causal_attention"]
+  params = nn.unbox(model.init_params(jax.random.key(2), 16))
+
+  def decode_all(partitioner):
+    boxed_cache = model.init_cache(8, 16)
+    param_shardings = partitioner.logical_shardings(
+        jax.eval_shape(lambda rng: model.init_params(rng, 16), jax.random.key(2)))
+    cache_shardings = partitioner.logical_shardings(boxed_cache)
+    step = partitioner.partition(
+        model.decode, in_shardings=(param_shardings, cache_shardings, None, None),
+        out_shardings=(partitioner.batch_sharding(3), cache_shardings))
+    cache = jax.device_put(nn.unbox(boxed_cache), cache_shardings)
+    sharded_params = jax.device_put(params, param_shardings)
+    logits, cache = step(sharded_params, cache, tokens[:, :4], in_prefix[:, :4])
+    out = [logits]
+    for t in range(4, 12):
+      logits, cache = step(sharded_params, cache, tokens[:, t:t + 1], in_prefix[:, t:t + 1])
+      out.append(logits)
+    return np.concatenate(out, axis=1), cache
+
+  single, _ = decode_all(Partitioner((1, 1, 1), devices=jax.devices()[:1]))
+  sharded, cache = decode_all(Partitioner((2, 2, 2)))
+  key = cache["layers"]["attention"]["key"]  # [layers, batch, length, heads, kv]
+  assert key.sharding.spec == jax.sharding.PartitionSpec(
+      None, ("data", "fsdp"), None, "tensor", None)
+  np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-4)
