@@ -26,6 +26,7 @@ import gin
 import jax
 import numpy as np
 
+import musiclm_jax
 from musiclm_jax import vocab
 from musiclm_jax.models import DecoderOnlyModel
 from musiclm_jax.partitioning import Partitioner, initialize_distributed
@@ -168,9 +169,8 @@ def train(model_dir: str = gin.REQUIRED,
 
 
 def _manifest(model: DecoderOnlyModel) -> dict[str, Any]:
-  from musiclm_jax import __version__  # pylint: disable=g-import-not-at-top
   return {"format": CHECKPOINT_FORMAT,
-          "musiclm_jax_version": __version__,
+          "musiclm_jax_version": musiclm_jax.__version__,
           "model": type(model).__name__,
           "model_config": dataclasses.asdict(model.config),
           "token_layout": vocab.LAYOUT.to_dict(),
