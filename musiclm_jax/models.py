@@ -21,8 +21,6 @@ import optax
 
 from musiclm_jax.layers.transformer import Decoder, DecoderConfig
 
-FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-            "decoder_causal_attention")
 Batch = Mapping[str, Any]
 
 
