@@ -19,6 +19,10 @@ DATA = [
     "clu>=0.0.12,<0.1",
     "tensorboard>=2.18,<3",
     "librosa>=0.10.2,<0.12",
+    "soundfile>=0.12.1",  # libsndfile >= 1.1: wav, flac, ogg, opus and mp3
+    "soxr>=0.3.7",
+    "pretty_midi>=0.2.10,<0.3",
+    "music21>=9.1,<11",
     # sentencepiece 0.2.3 is generated with protobuf 7, which apache-beam (the
     # SeqIO cache job) cannot use; 0.2.0 imports with either protobuf.
     "sentencepiece==0.2.0",
