@@ -44,7 +44,7 @@ def test_missing_model_dir_is_a_clear_error():
 
 def test_unknown_subcommand_is_a_usage_error():
   result = musiclm("fly")
-  assert result.returncode != 0 and "usage: musiclm {train}" in result.stderr
+  assert result.returncode != 0 and "usage: musiclm {train|prepare}" in result.stderr
 
 
 @pytest.mark.parametrize("files, bindings, message", [
@@ -55,6 +55,7 @@ def test_unknown_subcommand_is_a_usage_error():
     (["gin/runs/synthetic_tiny.gin"], ["NoSuchThing.x = 1"], "NoSuchThing"),
 ])
 def test_bad_gin_is_a_clear_error(files, bindings, message):
+  cli.import_configurables("train")
   with pytest.raises(cli.GinConfigError, match=message):
     cli.parse_gin(files, bindings)
 
@@ -62,5 +63,36 @@ def test_bad_gin_is_a_clear_error(files, bindings, message):
 def test_bad_gin_file_content_names_the_file(tmp_path):
   bad = tmp_path / "bad.gin"
   bad.write_text("include 'sizes/tiny.gin'\nDecoderConfig.num_heads = @not_registered()\n")
+  cli.import_configurables("train")
   with pytest.raises(cli.GinConfigError, match=f"gin file '{bad}'.*not_registered"):
     cli.parse_gin([str(bad)], [])
+
+
+def test_prepare_builds_a_corpus_and_reports_it(tmp_path):
+  args = ["prepare", "gm_synth", f"--data_dir={tmp_path}", "--num_examples=3",
+          "--seconds=2", "--seed=5", "--workers=1",
+          "--gin_bindings=GmSynthSource.soundfont='timgm6mb'"]
+  first = musiclm(*args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  corpus_dir = tmp_path / "gm_synth" / "n3_2s_seed5" / "1.0.0"
+  assert f"3 items -> {corpus_dir}" in first.stdout
+  assert "gm_synth: 3 clips (train 1, validation 1, test 1)" in first.stdout
+  report = json.loads((corpus_dir / "build_report.json").read_text())
+  assert report["spec"]["seed"] == 5
+  second = musiclm(*args)
+  assert second.returncode == 0 and "already built; nothing to do" in second.stdout
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["prepare"], 2, "usage: musiclm prepare {gm_synth|music21_gm|audio_folder|musiccaps}"),
+    (["prepare", "jamendo"], 2, "got jamendo"),
+    (["prepare", "audio_folder", "--source_dir=/no/such/dir"], 1,
+     "audio_folder needs --source_dir, a directory of audio files; got '/no/such/dir'"),
+    (["prepare", "gm_synth", "--num_examples=2",
+      "--gin_bindings=GmSynthSource.soundfont='/no/font.sf2'"], 1,
+     "SoundFont '/no/font.sf2' is neither a file nor one of"),
+])
+def test_prepare_errors_are_clear(tmp_path, args, code, message):
+  result = musiclm(*args, f"--data_dir={tmp_path}")
+  assert result.returncode == code, result.stderr[-2000:]
+  assert message in result.stderr
