@@ -202,7 +202,7 @@ _HYMN = Melody(durations=(1.0, 2.0), weights=(0.85, 0.15), phrase_bars=2, rest=0
 
 GENRE_TABLE = (
     Genre(
-        "rock", (100, 150), "4/4",
+        "rock", (100, 176), "4/4",
         {"major": (("I", "V", "vi", "IV"), ("I", "IV", "V", "IV"), ("vi", "IV", "I", "V")),
          "minor": (("i", "VI", "III", "VII"), ("i", "VII", "VI", "VII"), ("i", "iv", "VI", "V")),
          "mixolydian": (("I", "VII", "IV", "I"), ("I", "VII", "IV", "IV"))},
