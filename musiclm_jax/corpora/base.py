@@ -216,12 +216,26 @@ class ClipCache:
       json.dump({"key": item.key, "reason": reason, "message": message}, f)
     os.replace(path + ".tmp", path)
 
+  def _skip_record(self, item: Item) -> Optional[dict]:
+    skip_path = self._path(item, ".skip.json")
+    if not os.path.exists(skip_path):
+      return None
+    with open(skip_path) as f:
+      return json.load(f)
+
+  def records(self, item: Item) -> tuple[list[dict], Optional[dict]]:
+    """Like `get` without reading audio: (clip records, None) or ([], skip record)."""
+    skip = self._skip_record(item)
+    if skip is not None:
+      return [], skip
+    with np.load(self._path(item, ".npz")) as data:  # npz members load lazily
+      return json.loads(data["records"].tobytes()), None
+
   def get(self, item: Item) -> tuple[list[Clip], Optional[dict]]:
     """(clips, None) for a finished item, ([], skip record) for a skipped one."""
-    skip_path = self._path(item, ".skip.json")
-    if os.path.exists(skip_path):
-      with open(skip_path) as f:
-        return [], json.load(f)
+    skip = self._skip_record(item)
+    if skip is not None:
+      return [], skip
     with np.load(self._path(item, ".npz")) as data:
       records = json.loads(data["records"].tobytes())
       clips = []
@@ -317,16 +331,16 @@ def collect(source: Source, spec: BuildSpec, items: Sequence[Item], cache_dir: s
   limit = source.max_clips(spec) or float("inf")
   kept = 0
   for item in items:
-    clips, skip = cache.get(item)
+    records, skip = cache.records(item)
     if skip is not None:
       report.skip(skip["reason"], skip["message"])
       continue
-    for index, clip in enumerate(clips):
+    for index, record in enumerate(records):
       if kept >= limit:
-        report.skip("over_num_examples", f"{clip.key}: beyond --num_examples")
+        report.skip("over_num_examples", f"{record['key']}: beyond --num_examples")
         continue
       kept += 1
-      for repair in clip.repairs:
+      for repair in record["repairs"]:
         report.repairs[repair] = report.repairs.get(repair, 0) + 1
       chosen[splits[item.source_id]].append((item, index))
   report.items = len(items)

@@ -171,11 +171,9 @@ def _write_test_prompts(target: str, cache_dir: str, test: list[tuple[base.Item,
   cache = base.ClipCache(cache_dir)
   with open(os.path.join(target, PROMPTS_FILE), "w") as f:
     for item, index in test:
-      clip = cache.get(item)[0][index]
-      attributes = dataclasses.asdict(clip.metadata)
-      attributes["instruments"] = list(attributes["instruments"])
-      f.write(json.dumps({"prompt": clip.caption, "seconds": spec.seconds,
-                          "clip_id": clip.key, "attributes": attributes}) + "\n")
+      record = cache.records(item)[0][index]
+      f.write(json.dumps({"prompt": record["caption"], "seconds": spec.seconds,
+                          "clip_id": record["key"], "attributes": record["metadata"]}) + "\n")
 
 
 def load(corpus_dir: str, split: str, sample_rate: Optional[int] = None,
