@@ -80,7 +80,7 @@ def measure(size: str, args: argparse.Namespace) -> dict:
   partitioner = Partitioner(tuple(args.mesh_shape))
   optimizer = make_optimizer()
   init, _, shardings = partitioned_initializer(
-      lambda rng: model.init_params(rng, length), optimizer.tx, partitioner)
+      lambda rng: {"params": model.init_params(rng, length)}, optimizer.tx, partitioner)
   batch = random_batch(batch_size, length, config.vocab_size)
   step = partitioner.partition(
       make_train_step(model, optimizer, args.num_microbatches),

@@ -20,6 +20,9 @@ import numpy as np
 import optax
 
 from musiclm_jax.layers.transformer import Decoder, DecoderConfig
+from musiclm_jax.training import steps
+from musiclm_jax.training.metrics import TrainCost
+from musiclm_jax.training.optimizers import Optimizer
 
 Batch = Mapping[str, Any]
 
@@ -73,6 +76,25 @@ class DecoderOnlyModel:
     """Parameters boxed with their logical axes (`nn.Partitioned`)."""
     tokens = jnp.zeros((1, length), jnp.int32)
     return self.module.init({"params": rng}, tokens, tokens > 0)["params"]
+
+  # -- the trainer's model interface (see `training/trainer.py`) ---------------
+  def init_variables(self, rng: jax.Array, batch: Batch) -> dict[str, Any]:
+    """`{"params": ...}` for examples as long as `batch`'s `[batch, length]`."""
+    return {"params": self.init_params(rng, batch["decoder_input_tokens"].shape[1])}
+
+  def make_train_step(self, optimizer: Optimizer, num_microbatches: int = 1):
+    return steps.make_train_step(self, optimizer, num_microbatches)
+
+  def make_eval_step(self):
+    return steps.make_eval_step(self)
+
+  def eval_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+    weight = max(sums["weight"], 1.0)
+    return {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight}
+
+  def train_cost(self, batch_size: int, batch: Batch) -> TrainCost:
+    length = batch["decoder_input_tokens"].shape[1]
+    return TrainCost("tokens", batch_size * length, self.train_flops(batch_size, length))
 
   def logits(self, params: Any, batch: Batch, dropout_rng: jax.Array | None = None
              ) -> jax.Array:

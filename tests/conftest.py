@@ -43,3 +43,15 @@ def random_batch(rng: np.random.Generator, batch_size: int, length: int,
                                 rng.integers(1, 2000, length - prefix_length - 2), length)
               for _ in range(batch_size)]
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+@pytest.fixture(scope="session")
+def tiny_gm_corpus(tmp_path_factory) -> str:
+  """A gm_synth corpus of 24 clips × 4 s (TimGM6mb SoundFont); its corpus_dir."""
+  from musiclm_jax.corpora import base  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.corpora import gm_synth  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.tasks import corpora  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("tiny_gm_corpus"))
+  return corpora.prepare(gm_synth.GmSynthSource(soundfont="timgm6mb"),
+                         base.BuildSpec(num_examples=24, seconds=4.0, seed=3), data_dir,
+                         workers=2)

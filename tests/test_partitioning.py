@@ -30,7 +30,7 @@ def test_logical_rules_shard_params_and_optimizer_state():
   partitioner = Partitioner((2, 2, 2))
   model = DecoderOnlyModel(tiny_config())
   _, abstract, shardings = partitioned_initializer(
-      lambda rng: model.init_params(rng, 16), make_optimizer().tx, partitioner)
+      lambda rng: {"params": model.init_params(rng, 16)}, make_optimizer().tx, partitioner)
   spec = lambda s: tuple(s.spec)
   # [layers, embed, qkv, heads, kv] -> embed over fsdp, heads over tensor.
   assert spec(shardings.params["layers"]["attention"]["qkv"]["kernel"]) == (
@@ -59,8 +59,7 @@ def test_shard_batch_builds_global_arrays():
 
 def _run_steps(partitioner, model, optimizer, batches):
   init, _, shardings = partitioned_initializer(
-      lambda rng: model.init_params(rng, batches[0]["decoder_input_tokens"].shape[1]),
-      optimizer.tx, partitioner)
+      lambda rng: model.init_variables(rng, batches[0]), optimizer.tx, partitioner)
   step = partitioner.partition(
       make_train_step(model, optimizer),
       in_shardings=(shardings, partitioner.batch_shardings(batches[0])),
@@ -98,7 +97,7 @@ def test_gradient_accumulation_equals_full_batch():
   partitioner = Partitioner((2, 2, 2))
   batch = random_batch(np.random.default_rng(5), 16, 16)
   init, _, shardings = partitioned_initializer(
-      lambda rng: model.init_params(rng, 16), optimizer.tx, partitioner)
+      lambda rng: {"params": model.init_params(rng, 16)}, optimizer.tx, partitioner)
   results = []
   for n in (1, 4):
     step = partitioner.partition(

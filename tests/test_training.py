@@ -12,7 +12,7 @@ from conftest import tiny_config
 from musiclm_jax.models import DecoderOnlyModel
 from musiclm_jax.partitioning import Partitioner
 from musiclm_jax.training import optimizers
-from musiclm_jax.training.checkpoints import Checkpointer
+from musiclm_jax.training.checkpoints import Checkpointer, MissingCheckpointError, load_trained_variables
 from musiclm_jax.training.metrics import read_jsonl_metrics
 from musiclm_jax.training.synthetic_task import SyntheticTokenTask
 from musiclm_jax.training.train_state import partitioned_initializer
@@ -76,16 +76,16 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
 def test_restore_onto_a_different_mesh(tmp_path):
   model = DecoderOnlyModel(tiny_config())
   tx = optimizers.make_optimizer().tx
-  init_params = lambda rng: model.init_params(rng, 16)
+  init_variables = lambda rng: {"params": model.init_params(rng, 16)}
   data_parallel = Partitioner((8, 1, 1))
-  init, _, _ = partitioned_initializer(init_params, tx, data_parallel)
+  init, _, _ = partitioned_initializer(init_variables, tx, data_parallel)
   state = init(7)
   ckpt = Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, state, {"batches_read": 5}, {"note": "test"})
   ckpt.wait()
 
   model_parallel = Partitioner((2, 2, 2))
-  _, abstract, shardings = partitioned_initializer(init_params, tx, model_parallel)
+  _, abstract, shardings = partitioned_initializer(init_variables, tx, model_parallel)
   restored, data_state, manifest = ckpt.restore(1, abstract)
   assert data_state == {"batches_read": 5} and manifest == {"note": "test"}
   kernel = restored.params["layers"]["mlp"]["wi_0"]["kernel"]
@@ -106,7 +106,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   ckpt = Checkpointer(str(tmp_path / "checkpoints"))
   assert ckpt.all_steps() == [2]
   _, abstract, _ = partitioned_initializer(
-      lambda rng: DecoderOnlyModel(tiny_config()).init_params(rng, 32), tx,
+      lambda rng: {"params": DecoderOnlyModel(tiny_config()).init_params(rng, 32)}, tx,
       Partitioner((-1, 1, 1)))
   state, _, _ = ckpt.restore(2, abstract)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -129,3 +129,28 @@ def test_schedules():
   assert float(rsqrt(50)) == pytest.approx(0.5)
   assert float(rsqrt(100)) == pytest.approx(1.0)
   assert float(rsqrt(400)) == pytest.approx(0.5)
+
+
+def test_load_trained_variables_reads_params_and_model_state_onto_one_device(tmp_path):
+  model = DecoderOnlyModel(tiny_config())
+  codebook = np.arange(12, dtype=np.float32).reshape(4, 3)
+
+  def init_variables(rng):
+    return {"params": model.init_params(rng, 16), "quantizer": {"codebook": codebook}}
+
+  init, _, _ = partitioned_initializer(init_variables, optimizers.make_optimizer().tx,
+                                       Partitioner((2, 2, 2)))
+  state = init(3)
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  ckpt.save(4, state, {"batches_read": 4}, {"model": "test"})
+  ckpt.close()
+  variables, manifest = load_trained_variables(str(tmp_path))
+  assert manifest == {"model": "test"} and sorted(variables) == ["params", "quantizer"]
+  np.testing.assert_array_equal(variables["quantizer"]["codebook"], codebook)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               variables["params"], state.params)
+  assert all(len(leaf.devices()) == 1 for leaf in jax.tree.leaves(variables))
+  with pytest.raises(MissingCheckpointError, match="no checkpoint of step 9"):
+    load_trained_variables(str(tmp_path), step=9)
+  with pytest.raises(MissingCheckpointError, match="train the model first"):
+    load_trained_variables(str(tmp_path / "nowhere"))

@@ -19,6 +19,7 @@ from typing import Any
 
 from absl import logging
 import gin
+import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA, MANIFEST = "state", "data_iterator", "manifest"
@@ -87,3 +88,54 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class MissingCheckpointError(FileNotFoundError):
+  """A directory that should hold a trained model holds no checkpoint."""
+
+
+def load_trained_variables(model_dir: str, step: int | None = None
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The trained variables of a run, on the default device, for inference.
+
+  Args:
+    model_dir: a run's `MODEL_DIR` (holding `checkpoints/`).
+    step: which checkpoint; default the newest.
+  Returns:
+    variables: `{"params": ..., <other collections of model_state>}` as
+      `jax.Array`s on one device (optimizer state is not read).
+    manifest: the checkpoint's manifest (config, token layout, gin config).
+  Raises:
+    MissingCheckpointError: no checkpoint (or not that step) in `model_dir`.
+  """
+  directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise MissingCheckpointError(f"no checkpoints in {model_dir!r} (expected "
+                                 f"{directory}/<step>; train the model first)")
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                     DATA: ocp.JsonCheckpointHandler(),
+                     MANIFEST: ocp.JsonCheckpointHandler()})
+  try:
+    steps = list(manager.all_steps())
+    step = max(steps, default=None) if step is None else step
+    if step is None or step not in steps:
+      raise MissingCheckpointError(
+          f"{directory} has no checkpoint {'at all' if step is None else f'of step {step}'}"
+          f" (steps: {sorted(steps)})")
+    metadata = manager.item_metadata(step)[STATE]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    wanted = {key: metadata[key] for key in ("params", "model_state") if key in metadata}
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeRestore(
+            abstract, partial_restore=True,
+            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device),
+                                      abstract)),
+        MANIFEST: ocp.args.JsonRestore()}))
+  finally:
+    manager.close()
+  state = restored[STATE]
+  return {"params": state["params"], **(state.get("model_state") or {})}, restored[MANIFEST]

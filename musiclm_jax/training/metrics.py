@@ -7,6 +7,7 @@ always written: sweeps and tests read their curves from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -30,6 +31,21 @@ PEAK_FLOPS = (
     ("TPU v5", 459e12),
     ("TPU v6", 918e12),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCost:
+  """What one optimizer step processes, for throughput and MFU.
+
+  Attributes:
+    unit: what is counted, the stem of the `<unit>_per_sec` metric
+      ("tokens", "audio_seconds").
+    units_per_step: how many of them one global batch holds.
+    flops_per_step: model FLOPs of one step (0 when unknown: no MFU).
+  """
+  unit: str
+  units_per_step: float
+  flops_per_step: float
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
@@ -59,6 +75,12 @@ class JsonlWriter:
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     del hparams  # the checkpoint manifest records the configuration
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    del step, images  # TensorBoard only
+
+  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
+    del step, audios, sample_rate  # TensorBoard only
 
   def flush(self) -> None:
     self._file.flush()
@@ -91,11 +113,19 @@ def create_writer(logdir: str):
 
 
 class _LoggingOnly:
+  """Processes other than 0: scalars go to the log, nothing to files."""
+
   def write_scalars(self, step, scalars):
     logging.info("step %d: %s", step, dict(scalars))
 
   def write_hparams(self, hparams):
     del hparams
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
 
   def flush(self):
     pass
@@ -107,8 +137,9 @@ class _LoggingOnly:
 class ProgressLine:
   """Prints `step 120/500 (24%) | loss 3.21 | ... | ETA 1m52s` lines on process 0."""
 
-  def __init__(self, total_steps: int, stream=None):
+  def __init__(self, total_steps: int, unit: str = "tokens", stream=None):
     self.total_steps = total_steps
+    self.unit = unit
     self.stream = stream or sys.stdout
 
   def show(self, step: int, metrics: Mapping[str, float], steps_per_sec: float) -> None:
@@ -119,7 +150,8 @@ class ProgressLine:
     parts = [f"step {step}/{self.total_steps} ({100 * step // max(self.total_steps, 1)}%)"]
     for name, fmt in (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"),
                       ("learning_rate", "lr {:.2e}"), ("grad_norm", "gnorm {:.2f}"),
-                      ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}")):
+                      (f"{self.unit}_per_sec", "{:,.1f} " + self.unit + "/s"),
+                      ("mfu", "MFU {:.1%}")):
       if name in metrics:
         parts.append(fmt.format(metrics[name]))
     parts.append(f"{steps_per_sec:.2f} step/s")
@@ -137,12 +169,10 @@ def _format_seconds(seconds: float) -> str:
 
 
 class Throughput:
-  """Steps/s, tokens/s and MFU over the steps since the last `measure`."""
+  """Steps/s, `<unit>_per_sec` and MFU over the steps since the last `measure`."""
 
-  def __init__(self, tokens_per_step: int, flops_per_step: float,
-               peak_flops: float | None, num_devices: int):
-    self.tokens_per_step = tokens_per_step
-    self.flops_per_step = flops_per_step
+  def __init__(self, cost: TrainCost, peak_flops: float | None, num_devices: int):
+    self.cost = cost
     self.peak_flops = peak_flops
     self.num_devices = num_devices
     self._last = None
@@ -159,12 +189,13 @@ class Throughput:
       return {}
     steps_per_sec = (step - last_step) / (now - last_time)
     rates = {"steps_per_sec": steps_per_sec,
-             "tokens_per_sec": steps_per_sec * self.tokens_per_step,
-             "tflops_per_device": steps_per_sec * self.flops_per_step
-                                  / self.num_devices / 1e12}
-    if self.peak_flops:
-      rates["mfu"] = (steps_per_sec * self.flops_per_step
-                      / (self.peak_flops * self.num_devices))
+             f"{self.cost.unit}_per_sec": steps_per_sec * self.cost.units_per_step}
+    if self.cost.flops_per_step:
+      rates["tflops_per_device"] = (steps_per_sec * self.cost.flops_per_step
+                                    / self.num_devices / 1e12)
+      if self.peak_flops:
+        rates["mfu"] = (steps_per_sec * self.cost.flops_per_step
+                        / (self.peak_flops * self.num_devices))
     return rates
 
 

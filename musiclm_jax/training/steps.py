@@ -1,17 +1,21 @@
-"""Train and eval steps of a prefix-LM model (pure functions, jitted by the trainer)."""
+"""Train and eval steps of a prefix-LM model (pure functions, jitted by the trainer).
+
+`DecoderOnlyModel.make_train_step` / `make_eval_step` return these; the
+model only needs `loss_sums(params, batch, rng) -> (loss_sum, sums)`.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from musiclm_jax.models import Batch, DecoderOnlyModel
 from musiclm_jax.training.optimizers import Optimizer
 from musiclm_jax.training.train_state import TrainState
 
+Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
 
 
@@ -32,7 +36,7 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model: DecoderOnlyModel, optimizer: Optimizer,
+def make_train_step(model: Any, optimizer: Optimizer,
                     num_microbatches: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """`(state, batch) -> (state, metrics)`; gradients accumulated over microbatches.
@@ -78,8 +82,8 @@ def make_train_step(model: DecoderOnlyModel, optimizer: Optimizer,
   return train_step
 
 
-def make_eval_step(model: DecoderOnlyModel) -> Callable[[Any, Batch], Metrics]:
-  """`(params, batch) -> sums` of loss, correct and weight (no dropout)."""
-  def eval_step(params, batch):
-    return model.loss_sums(params, batch)[1]
+def make_eval_step(model: Any) -> Callable[[TrainState, Batch], Metrics]:
+  """`(state, batch) -> sums` of loss, correct and weight (no dropout)."""
+  def eval_step(state, batch):
+    return model.loss_sums(state.params, batch)[1]
   return eval_step

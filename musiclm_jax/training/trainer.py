@@ -11,6 +11,27 @@ RNG and input position, onto whatever mesh this run has), logs metrics to
 `MODEL_DIR` (TensorBoard, `metrics.jsonl`) and a console line with ETA,
 saves on SIGTERM (preemption) and stops on a non-finite loss without
 writing a checkpoint of the broken state.
+
+Any model family trains with this loop (stage decoders, SoundStream, MuLan,
+w2v-BERT). The loop owns resumption, checkpoints, logging and evaluation;
+the model owns its state and steps. A `model` provides:
+
+  config                      a dataclass, stored in the checkpoint manifest
+  init_variables(rng, batch)  `{"params": ..., <other collections>}` for one
+                              example batch (leading dim 1); leaves boxed
+                              with logical axes are sharded by the rules
+  make_train_step(optimizer, num_microbatches)
+                              `(TrainState, batch) -> (TrainState, metrics)`
+  make_eval_step()            `(TrainState, batch) -> metric sums`
+  eval_metrics(sums)          metrics from sums added over eval batches
+  train_cost(batch_size, batch)
+                              a `TrainCost` (units and FLOPs per step)
+  write_summaries(writer, step, state, batch)
+                              optional: audio/images at evaluation time
+
+and a `task` provides `iterator(split, global_batch_size)`: this process'
+rows of each global batch as a dict of numeric arrays, with JSON-able
+`get_state()` / `set_state()` (splits `train` and `validation`).
 """
 from __future__ import annotations
 
@@ -28,12 +49,10 @@ import numpy as np
 
 import musiclm_jax
 from musiclm_jax import vocab
-from musiclm_jax.models import DecoderOnlyModel
 from musiclm_jax.partitioning import Partitioner, initialize_distributed
 from musiclm_jax.training import metrics as metrics_lib
 from musiclm_jax.training.checkpoints import Checkpointer
 from musiclm_jax.training.optimizers import Optimizer, make_optimizer
-from musiclm_jax.training.steps import make_eval_step, make_train_step
 from musiclm_jax.training.train_state import partitioned_initializer
 
 CHECKPOINT_FORMAT = "musiclm_jax.train_checkpoint/1"
@@ -58,7 +77,7 @@ class TrainResult:
 @gin.configurable(denylist=["step_callback"])
 def train(model_dir: str = gin.REQUIRED,
           task: Any = gin.REQUIRED,
-          model: DecoderOnlyModel = gin.REQUIRED,
+          model: Any = gin.REQUIRED,
           num_steps: int = gin.REQUIRED,
           batch_size: int = gin.REQUIRED,
           optimizer: Optimizer | None = None,
@@ -74,9 +93,10 @@ def train(model_dir: str = gin.REQUIRED,
 
   Args:
     model_dir: run directory: `checkpoints/`, TensorBoard events, metrics.jsonl.
-    task: has `length` and `iterator(split, global_batch_size)` returning a
-      resumable iterator of `[local_batch, length]` feature dicts.
-    model: the model to train.
+    task: has `iterator(split, global_batch_size)` returning a resumable
+      iterator of `[local_batch, ...]` feature dicts (see the module doc).
+    model: the model to train (`DecoderOnlyModel`, `CodecModel`, ...; the
+      interface is in the module doc).
     num_steps: stop once the state reaches this step.
     batch_size: global batch size (all processes together).
     optimizer: default `make_optimizer()`.
@@ -99,30 +119,31 @@ def train(model_dir: str = gin.REQUIRED,
     raise ValueError(f"batch size {batch_size} is not divisible by num_microbatches "
                      f"{num_microbatches}")
 
+  # A throw-away batch from a fresh iterator gives the features' shapes.
+  example = next(task.iterator("train", batch_size))
+  init_example = jax.tree.map(lambda x: np.asarray(x)[:1], example)
   init_state, abstract_state, state_shardings = partitioned_initializer(
-      lambda rng: model.init_params(rng, task.length), optimizer.tx, partitioner)
+      lambda rng: model.init_variables(rng, init_example), optimizer.tx, partitioner)
   train_iter = task.iterator("train", batch_size)
   ckpt = checkpointer(os.path.join(model_dir, "checkpoints"))
   manifest = _manifest(model)
   state = _restore_or_init(ckpt, abstract_state, init_state, seed, train_iter, manifest)
   start_step = int(state.step)
 
-  # A throw-away batch from a fresh iterator gives the features' ranks.
-  batch_shardings = partitioner.batch_shardings(next(task.iterator("train", batch_size)))
+  batch_shardings = partitioner.batch_shardings(example)
   train_step = partitioner.partition(
-      make_train_step(model, optimizer, num_microbatches),
+      model.make_train_step(optimizer, num_microbatches),
       in_shardings=(state_shardings, batch_shardings),
       out_shardings=(state_shardings, partitioner.replicated()), donate_argnums=(0,))
   eval_step = partitioner.partition(
-      make_eval_step(model), in_shardings=(state_shardings.params, batch_shardings),
+      model.make_eval_step(), in_shardings=(state_shardings, batch_shardings),
       out_shardings=partitioner.replicated())
 
   writer = metrics_lib.create_writer(model_dir)
-  progress = metrics_lib.ProgressLine(num_steps)
+  cost = model.train_cost(batch_size, example)
+  progress = metrics_lib.ProgressLine(num_steps, unit=cost.unit)
   throughput = metrics_lib.Throughput(
-      tokens_per_step=batch_size * task.length,
-      flops_per_step=model.train_flops(batch_size, task.length),
-      peak_flops=metrics_lib.peak_flops_per_device(), num_devices=jax.device_count())
+      cost, peak_flops=metrics_lib.peak_flops_per_device(), num_devices=jax.device_count())
   if jax.process_index() == 0:
     print(f"Training {type(model).__name__} from step {start_step} to {num_steps} on "
           f"mesh {dict(partitioner.mesh.shape)} ({jax.device_count()} "
@@ -152,8 +173,8 @@ def train(model_dir: str = gin.REQUIRED,
             writer.write_scalars(step, {f"train/{k}": v for k, v in last_metrics.items()})
             progress.show(step, last_metrics, last_metrics.get("steps_per_sec", 0.0))
         if eval_every_steps and (step % eval_every_steps == 0 or step == num_steps):
-          eval_metrics = _evaluate(eval_step, state.params, task, batch_size,
-                                   eval_batches, partitioner)
+          eval_metrics = _evaluate(eval_step, state, model, task, batch_size,
+                                   eval_batches, partitioner, writer, step)
           writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
           last_metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         if must_save:
@@ -168,7 +189,7 @@ def train(model_dir: str = gin.REQUIRED,
   return TrainResult(step=step, metrics=last_metrics, preempted=preempted)
 
 
-def _manifest(model: DecoderOnlyModel) -> dict[str, Any]:
+def _manifest(model: Any) -> dict[str, Any]:
   return {"format": CHECKPOINT_FORMAT,
           "musiclm_jax_version": musiclm_jax.__version__,
           "model": type(model).__name__,
@@ -214,16 +235,20 @@ def _check_finite(metrics: dict[str, float], step: int, ckpt: Checkpointer) -> N
         "check the input data.")
 
 
-def _evaluate(eval_step, params, task, batch_size: int, num_batches: int,
-              partitioner: Partitioner) -> dict[str, float]:
+def _evaluate(eval_step, state, model, task, batch_size: int, num_batches: int,
+              partitioner: Partitioner, writer, step: int) -> dict[str, float]:
+  """Metrics over the first `num_batches` validation batches; summaries of the first."""
   iterator = task.iterator("validation", batch_size)
   totals: dict[str, float] = {}
-  for _ in range(num_batches):
-    sums = metrics_lib.to_host(eval_step(params, partitioner.shard_batch(next(iterator))))
+  for index in range(num_batches):
+    batch = partitioner.shard_batch(next(iterator))
+    sums = metrics_lib.to_host(eval_step(state, batch))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + v
-  weight = max(totals["weight"], 1.0)
-  return {"loss": totals["loss"] / weight, "accuracy": totals["correct"] / weight}
+    if index == 0 and hasattr(model, "write_summaries"):
+      with partitioner.activate():
+        model.write_summaries(writer, step, state, batch)
+  return model.eval_metrics(totals)
 
 
 @contextlib.contextmanager
