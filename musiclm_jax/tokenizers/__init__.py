@@ -1,0 +1,1 @@
+"""Tokenizers: SoundStream (acoustic codes), w2v-BERT + k-means, MuLan, text."""
