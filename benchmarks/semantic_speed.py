@@ -54,7 +54,8 @@ def measure(size: str, batch_size: int, seconds: float, repeats: int, dtype: str
   fitted = semantic.SemanticKMeans(
       centroids=np.random.default_rng(1).standard_normal((1024, d)).astype(np.float32),
       mean=np.zeros(d, np.float32), std=np.ones(d, np.float32))
-  tokenizer = semantic.SemanticTokenizer(semantic.FeatureExtractor(model, params), fitted)
+  tokenizer = semantic.SemanticTokenizer(semantic.FeatureExtractor(model, params, dtype=dtype),
+                                         fitted)
   jax.block_until_ready(tokenizer.semantic_tokens(audio))  # compile
   times = []
   for _ in range(repeats):

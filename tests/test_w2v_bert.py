@@ -1,14 +1,22 @@
 """w2v-BERT: rates, masking, pre-training, semantic k-means and tokens."""
 import functools
+import io
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pretty_midi
 import pytest
 
+from musiclm_jax import audio
+from musiclm_jax.eval import semantic as semantic_eval
 from musiclm_jax.partitioning import Partitioner
 from musiclm_jax.tokenizers import semantic
 from musiclm_jax.tokenizers import w2v_bert
@@ -93,7 +101,7 @@ def trained_dir(tmp_path_factory):
                  num_steps=200, batch_size=8,
                  optimizer=optimizers.make_optimizer(
                      schedule=optimizers.warmup_cosine(2e-3, 5, 200)),
-                 partitioner=Partitioner((-1, 1, 1)),
+                 partitioner=Partitioner((1, 1, 1), devices=jax.devices()[:1]),
                  checkpointer=functools.partial(Checkpointer, save_every_steps=1000),
                  log_every_steps=1, eval_every_steps=200, eval_batches=1)
   return str(model_dir), result
@@ -203,27 +211,199 @@ def test_fit_kmeans_recovers_separable_clusters(max_lloyd_frames):
     semantic.fit_kmeans(jax.random.PRNGKey(0), frames[:5], num_clusters=6)
 
 
-def test_semantic_tokens_at_25_hz_are_deterministic(trained_dir):
+@pytest.fixture(scope="module")
+def fitted_dir(trained_dir):
+  """`trained_dir` with its semantic k-means (16 clusters) fitted on melodies."""
   model_dir, _ = trained_dir
-  batches = MelodyTask(seconds=2.0).iterator("train", 4)
-  manifest = semantic.fit_semantic_kmeans(model_dir, batches, num_clusters=16,
-                                          num_frames=400, frames_per_clip=25, seed=0)
+  manifest = semantic.fit_semantic_kmeans(model_dir, MelodyTask(seconds=2.0).iterator("train", 4),
+                                          num_clusters=16, num_frames=400, frames_per_clip=25,
+                                          seed=0, data={"task": "melodies"})
+  return model_dir, manifest
+
+
+def test_semantic_tokens_at_25_hz_are_deterministic(fitted_dir):
+  model_dir, manifest = fitted_dir
   assert manifest["mlm_layer"] == 1 and manifest["num_frames"] == 400
-  assert manifest["used_clusters"] >= 8
-  first = np.load(os.path.join(model_dir, semantic.KMEANS_FILE))["centroids"]
-  semantic.fit_semantic_kmeans(model_dir, MelodyTask(seconds=2.0).iterator("train", 4),
-                               num_clusters=16, num_frames=400, frames_per_clip=25, seed=0)
-  np.testing.assert_array_equal(
-      first, np.load(os.path.join(model_dir, semantic.KMEANS_FILE))["centroids"])
+  assert manifest["used_clusters"] >= 8 and manifest["data"] == {"task": "melodies"}
+  assert manifest["feature_dtype"] == "float32"  # whatever the training dtype
+  with open(os.path.join(model_dir, semantic.KMEANS_MANIFEST_FILE)) as f:
+    assert json.load(f)["format"] == semantic.KMEANS_FORMAT
+  fitted = semantic.SemanticKMeans.load(os.path.join(model_dir, semantic.KMEANS_FILE))
+  with tempfile.TemporaryDirectory() as copy:
+    shutil.copytree(os.path.join(model_dir, "checkpoints"), os.path.join(copy, "checkpoints"))
+    semantic.fit_semantic_kmeans(copy, MelodyTask(seconds=2.0).iterator("train", 4),
+                                 num_clusters=16, num_frames=400, frames_per_clip=25, seed=0)
+    again = semantic.SemanticKMeans.load(os.path.join(copy, semantic.KMEANS_FILE))
+  np.testing.assert_array_equal(fitted.centroids, again.centroids)
 
   tokenizer = semantic.SemanticTokenizer.load(model_dir)
   wav = np.stack([melody(np.random.default_rng(100 + i), 3.0) for i in range(2)])
   tokens = np.asarray(tokenizer.semantic_tokens(wav))
   assert tokens.shape == (2, 75) and tokens.dtype == np.int32
   assert tokens.min() >= 0 and tokens.max() < 16 and len(np.unique(tokens)) >= 4
-  again = semantic.SemanticTokenizer.load(model_dir).semantic_tokens(wav)
-  np.testing.assert_array_equal(tokens, np.asarray(again))
+  np.testing.assert_array_equal(tokens, np.asarray(tokenizer.semantic_tokens(wav)))
   # A clip's tokens do not depend on the other clips of the batch.
   np.testing.assert_array_equal(tokens[1:], np.asarray(tokenizer.semantic_tokens(wav[1:])))
-  with open(os.path.join(model_dir, semantic.KMEANS_MANIFEST_FILE)) as f:
-    assert json.load(f)["format"] == semantic.KMEANS_FORMAT
+  # Identical audio gives identical tokens; gain and delays change some of them.
+  stability = semantic_eval.token_stability(tokenizer.semantic_tokens, list(wav),
+                                            gains_db=(0.0, 3.0), shifts_ms=(0, 5))
+  assert stability["gain_+0dB"] == stability["delay_0ms"] == 1.0
+  assert 0.0 <= stability["delay_5ms"] <= 1.0 and 0.0 <= stability["gain_+3dB"] <= 1.0
+  assert stability["delay_mean"] == pytest.approx((1.0 + stability["delay_5ms"]) / 2)
+
+
+# -- evaluation ------------------------------------------------------------------------
+
+def chord_score(rng: np.random.Generator, seconds: float) -> pretty_midi.PrettyMIDI:
+  """Random major/minor triads of 0.24-0.48 s in an organ, drum hits every 0.2 s."""
+  score = pretty_midi.PrettyMIDI()
+  organ = pretty_midi.Instrument(program=19)
+  drums = pretty_midi.Instrument(program=0, is_drum=True)
+  start = 0.0
+  while start < seconds:
+    end = min(start + rng.choice([0.24, 0.32, 0.48]), seconds)
+    root = int(rng.integers(48, 60))
+    for interval in (0, 4 if rng.random() < 0.5 else 3, 7):
+      organ.notes.append(pretty_midi.Note(velocity=90, pitch=root + interval, start=start,
+                                          end=end))
+    start = end
+  drums.notes += [pretty_midi.Note(velocity=100, pitch=38, start=t, end=t + 0.05)
+                  for t in np.arange(0.0, seconds, 0.2)]
+  score.instruments += [organ, drums]
+  return score
+
+
+def labelled_clip(rng: np.random.Generator, seconds: float) -> semantic_eval.LabelledClip:
+  """A chord score rendered with sines (pretty_midi) plus noise bursts for the drums."""
+  score = chord_score(rng, seconds)
+  samples = int(seconds * RATE)
+  wav = np.zeros(samples, np.float32)
+  tones = score.instruments[0].synthesize(RATE)[:samples]
+  wav[:len(tones)] = 0.1 * tones
+  for note in score.instruments[1].notes:
+    start = int(note.start * RATE)
+    burst = rng.standard_normal(800) * np.exp(-np.arange(800) / 150)
+    wav[start:start + 800] += 0.3 * burst[:samples - start].astype(np.float32)
+  midi = io.BytesIO()
+  score.write(midi)
+  frames = w2v_bert.num_frames(samples)
+  return semantic_eval.LabelledClip(wav, semantic_eval.midi_frame_labels(midi.getvalue(),
+                                                                         frames))
+
+
+def test_midi_frame_labels():
+  score = pretty_midi.PrettyMIDI()
+  piano = pretty_midi.Instrument(program=0)
+  piano.notes += [pretty_midi.Note(velocity=80, pitch=p, start=0.0, end=0.5)
+                  for p in (60, 64, 67)]  # C major
+  piano.notes += [pretty_midi.Note(velocity=80, pitch=p, start=0.5, end=1.0)
+                  for p in (57, 60, 64, 76)]  # A minor, E on top
+  drums = pretty_midi.Instrument(program=0, is_drum=True)
+  drums.notes += [pretty_midi.Note(velocity=80, pitch=36, start=t, end=t + 0.1)
+                  for t in (0.0, 0.25, 0.99)]
+  score.instruments += [piano, drums]
+  midi = io.BytesIO()
+  score.write(midi)
+  labels = semantic_eval.midi_frame_labels(midi.getvalue(), 30)
+  assert set(labels) == set(semantic_eval.LABELS)
+  c_major, a_minor = (1 << 0) | (1 << 4) | (1 << 7), (1 << 9) | (1 << 0) | (1 << 4)
+  # Frames of 40 ms: 0-11 C major, 12 (0.48-0.52 s) both, 13-24 A minor, 25- silent.
+  np.testing.assert_array_equal(labels["pitch_classes"],
+                                [c_major] * 12 + [c_major | a_minor] + [a_minor] * 12 + [0] * 5)
+  np.testing.assert_array_equal(labels["lowest_pitch_class"],
+                                [0] * 12 + [9] * 13 + [semantic_eval.NO_NOTE] * 5)
+  np.testing.assert_array_equal(labels["chord_root"][:12], 0)
+  np.testing.assert_array_equal(labels["chord_root"][13:25], 9)
+  np.testing.assert_array_equal(labels["chord_root"][25:], semantic_eval.NO_NOTE)
+  np.testing.assert_array_equal(np.nonzero(labels["drum_onset"])[0], [0, 6, 24])
+  with pytest.raises(ValueError, match="MIDI"):
+    semantic_eval.midi_frame_labels(b"not a midi file", 10)
+
+
+def test_nmi_and_usage_through_evaluate_tokens():
+  clips = [labelled_clip(np.random.default_rng(i), seconds) for i, seconds in enumerate((2, 3))]
+  truth = {name: np.concatenate([c.labels[name] for c in clips]) for name in semantic_eval.LABELS}
+  by_length = {len(c.wav): c for c in clips}  # gain and delays keep the length
+
+  def perfect(wav):  # a one-to-one renaming of the clip's pitch-class sets
+    return (by_length[wav.shape[1]].labels["pitch_classes"] * 7 + 3)[None]
+
+  report = semantic_eval.evaluate_tokens(perfect, 4096 * 7 + 3, clips)
+  assert report["nmi"]["pitch_classes"] == pytest.approx(1.0)
+  assert report["nmi_shuffled_labels"]["pitch_classes"] < 0.5
+  assert report["used_clusters"] == len(np.unique(truth["pitch_classes"]))
+  assert report["stability"]["gain_mean"] == 1.0
+  constant = semantic_eval.evaluate_tokens(
+      lambda wav: np.zeros((1, wav.shape[1] // 640), np.int32), 16, clips)
+  assert all(v == 0.0 for v in constant["nmi"].values())
+  assert constant["perplexity"] == 1.0 and constant["used_clusters"] == 1
+  assert constant["stability"]["gain_mean"] == constant["stability"]["delay_mean"] == 1.0
+  with pytest.raises(ValueError, match="shape"):
+    semantic_eval.label_nmi(np.zeros(5), {"x": np.zeros(6)})
+
+
+def test_baseline_is_fitted_on_the_same_frame_times():
+  batches = [{"audio": np.zeros((2, 640 * 30), np.float32)} for _ in range(3)]
+
+  def frame_index(wav):
+    return np.broadcast_to(np.arange(30, dtype=np.float32)[None, :, None], (len(wav), 30, 2))
+
+  first = semantic.sample_frames(frame_index, batches, 50, 10, seed=5)
+  second = semantic.sample_frames(lambda w: 3 * frame_index(w), batches, 50, 10, seed=5)
+  assert first.shape == (50, 2)
+  np.testing.assert_array_equal(3 * first, second)
+
+
+def test_evaluation_report_on_the_trained_model(fitted_dir):
+  model_dir, manifest = fitted_dir
+  tokenizer = semantic.SemanticTokenizer.load(model_dir)
+  clips = [labelled_clip(np.random.default_rng(10 + i), 4.0) for i in range(3)]
+  train_batches = [{"audio": np.stack([labelled_clip(np.random.default_rng(100 + 4 * b + i),
+                                                     4.0).wav for i in range(4)])}
+                   for b in range(2)]
+  report = semantic_eval.evaluate_semantic(tokenizer, train_batches, clips,
+                                           manifest["num_frames"], manifest["frames_per_clip"],
+                                           manifest["seed"])
+  assert report["clips"] == 3 and report["frames"] == 300 and report["num_clusters"] == 16
+  assert report["baseline_fit"]["used_clusters"] >= 8
+  for method in ("semantic", "log_mel_kmeans"):
+    result = report[method]
+    assert set(result["nmi"]) == set(result["nmi_shuffled_labels"]) == set(semantic_eval.LABELS)
+    assert set(result["stability"]) == {"gain_-3dB", "gain_+3dB", "gain_mean", "delay_mean",
+                                        *(f"delay_{s}ms" for s in range(1, 6))}
+    values = [result["perplexity"], *result["nmi"].values(),
+              *result["nmi_shuffled_labels"].values(), *result["stability"].values()]
+    assert np.all(np.isfinite(values)) and all(0.0 <= v <= 1.0 for v in values[1:])
+    assert 1.0 <= result["perplexity"] <= result["used_clusters"] <= 16
+  # The labels are aligned with the audio: log-mel clusters follow chords and drums.
+  baseline = report["log_mel_kmeans"]
+  for label in ("pitch_classes", "chord_root", "drum_onset"):
+    assert baseline["nmi"][label] > 1.5 * baseline["nmi_shuffled_labels"][label] + 0.02, label
+  json.dumps(report)  # JSON-able
+  assert "NMI chord_root" in semantic_eval.format_report(report)
+
+
+def musiclm(*args):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, "-m", "musiclm_jax.main", *args], env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_semantic_tokens(fitted_dir, tmp_path):
+  model_dir, _ = fitted_dir
+  wav = melody(np.random.default_rng(7), 2.0)
+  audio.write_wav(str(tmp_path / "in.wav"), wav, 22050)  # resampled to 16 kHz on load
+  result = musiclm("semantic", "tokens", f"--checkpoint={model_dir}", str(tmp_path / "in.wav"),
+                   str(tmp_path / "out.npy"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(result.stdout.strip().splitlines()[-1])
+  expected = w2v_bert.num_frames(int(len(wav) / 22050 * RATE))
+  assert row["frame_rate"] == 25 and len(row["tokens"]) == expected
+  np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), row["tokens"])
+  tokenizer = semantic.SemanticTokenizer.load(model_dir)
+  loaded, _ = audio.load(str(tmp_path / "in.wav"), RATE)
+  np.testing.assert_array_equal(np.asarray(tokenizer.semantic_tokens(loaded[None]))[0],
+                                row["tokens"])
+  # A checkpoint without k-means: a clear error, exit status 1.
+  result = musiclm("semantic", "tokens", f"--checkpoint={tmp_path}", str(tmp_path / "in.wav"))
+  assert result.returncode == 1 and "semantic_kmeans" in result.stderr

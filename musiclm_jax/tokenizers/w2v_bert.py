@@ -561,8 +561,8 @@ class W2vBertModel:
                      self.config.train_flops(batch_size, num_frames(samples)))
 
   # -- inference -----------------------------------------------------------------
-  def hidden_states(self, params: Any, wav: jax.Array, mlm_layer: int | None = None
-                    ) -> jax.Array:
+  def hidden_states(self, params: Any, wav: jax.Array, mlm_layer: int | None = None,
+                    dtype: str | None = None) -> jax.Array:
     """Output of MLM layer `mlm_layer` (default `config.semantic_layer`).
 
     Runs the network only up to that layer.
@@ -570,6 +570,8 @@ class W2vBertModel:
     Args:
       params: the trained parameters (unboxed).
       wav: float32 `[batch, samples]` at 16 kHz.
+      mlm_layer: 1-based MLM layer.
+      dtype: compute dtype; default the config's (training) dtype.
     Returns:
       float32 `[batch, samples // 640, d_model]`.
     """
@@ -577,7 +579,7 @@ class W2vBertModel:
     if not 1 <= layer <= self.config.num_mlm_layers:
       raise ValueError(f"mlm_layer {layer} is outside 1..{self.config.num_mlm_layers}")
     module = W2vBert(dataclasses.replace(self.config, num_mlm_layers=layer,
-                                         feature_layer=None))
+                                         feature_layer=None, dtype=dtype or self.config.dtype))
     return module.apply({"params": truncate_mlm_layers(params, layer)},
                         jnp.asarray(wav, jnp.float32),
                         method=W2vBert.hidden_states).astype(jnp.float32)
