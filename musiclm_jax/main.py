@@ -11,6 +11,7 @@ repository's root and `gin/` are always searched last).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 
@@ -32,6 +33,15 @@ flags.DEFINE_float("seconds", 10.0, "prepare: clip length in seconds.")
 flags.DEFINE_integer("seed", 0, "prepare: seed of composition, choices and splits.")
 flags.DEFINE_string("source_dir", None, "prepare: the user's files (audio_folder, musiccaps).")
 flags.DEFINE_integer("workers", 0, "prepare: worker processes (0: one per CPU core).")
+# Trained models are read from the MODEL_DIR their training run wrote.
+flags.DEFINE_string("checkpoint", None, "codec, eval: MODEL_DIR of the trained model.")
+flags.DEFINE_integer("num_levels", 0, "codec: RVQ levels to keep (0: all).")
+flags.DEFINE_string("corpus_dir", None, "eval: the built corpus to evaluate on.")
+flags.DEFINE_string("split", "test", "eval: corpus split.")
+flags.DEFINE_integer("num_clips", 32, "eval: clips to evaluate on.")
+flags.DEFINE_string("output", None, "eval: also write the report to this JSON file.")
+flags.DEFINE_multi_string("text", [], "mulan embed: a text prompt (repeatable).")
+flags.DEFINE_multi_string("audio", [], "mulan embed: an audio file (repeatable).")
 FLAGS = flags.FLAGS
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,8 +127,131 @@ def _prepare(args: Sequence[str]) -> None:
     raise CommandError(str(e)) from e
 
 
+def _require_flag(name: str, usage: str) -> str:
+  value = FLAGS[name].value
+  if not value:
+    raise UsageError(f"--{name} is required; usage: {usage}")
+  return value
+
+
+def _codec(args: Sequence[str]) -> None:
+  from musiclm_jax.tokenizers import codec_files  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.tokenizers import soundstream  # pylint: disable=g-import-not-at-top
+  usage = "musiclm codec {encode|decode|roundtrip} --checkpoint=MODEL_DIR IN OUT [--num_levels=Q]"
+  actions = {"encode": codec_files.encode_file, "decode": codec_files.decode_file,
+             "roundtrip": codec_files.roundtrip_file}
+  if len(args) != 3 or args[0] not in actions:
+    raise UsageError(f"usage: {usage}; got {' '.join(args) or 'nothing'}")
+  codec, variables = _run(soundstream.load_codec, _require_flag("checkpoint", usage))
+  extra = {"num_levels": FLAGS.num_levels or None} if args[0] != "decode" else {}
+  print(json.dumps(_run(actions[args[0]], codec, variables, args[1], args[2], **extra)),
+        flush=True)
+
+
+def _eval_codec(args: Sequence[str]) -> None:
+  from musiclm_jax.eval import codec as codec_eval  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.tasks import audio_clips  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.tokenizers import soundstream  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm eval codec --checkpoint=MODEL_DIR --corpus_dir=DIR [--split=test "
+           "--num_clips=32 --seconds=10 --output=report.json]")
+  if args:
+    raise UsageError(f"usage: {usage}; got {' '.join(args)}")
+  codec, variables = _run(soundstream.load_codec, _require_flag("checkpoint", usage))
+  clips = _run(audio_clips.read_segments, _require_flag("corpus_dir", usage), FLAGS.split,
+               FLAGS.num_clips, FLAGS.seconds)
+  report = _run(codec_eval.evaluate_codec, codec, variables, clips)
+  print(codec_eval.format_report(report), flush=True)
+  _write_report(report)
+
+
+def _run(command, *args, **kwargs):
+  """`command(...)`; bad input or state (missing checkpoint, unreadable audio,
+  a foreign codes file, a missing tool) becomes a `CommandError` with its message."""
+  try:
+    return command(*args, **kwargs)
+  except (FileNotFoundError, ValueError) as e:
+    raise CommandError(str(e)) from e
+
+
+def _write_report(report) -> None:
+  if FLAGS.output:
+    tmp = f"{FLAGS.output}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=1)
+    os.replace(tmp, FLAGS.output)
+    print(f"report written to {FLAGS.output}", flush=True)
+
+
+def _eval_mulan(args: Sequence[str]) -> None:
+  from musiclm_jax.tokenizers import mulan_cli  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm eval mulan --checkpoint=MODEL_DIR --corpus_dir=DIR [--split=test "
+           "--num_clips=1000 --output=report.json]")
+  if args:
+    raise UsageError(f"usage: {usage}; got {' '.join(args)}")
+  report = _run(mulan_cli.evaluate, _require_flag("checkpoint", usage),
+                      _require_flag("corpus_dir", usage), FLAGS.split, FLAGS.num_clips)
+  print(json.dumps(report, indent=1), flush=True)
+  _write_report(report)
+
+
+def _mulan(args: Sequence[str]) -> None:
+  from musiclm_jax.tokenizers import mulan_cli  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm mulan fit_rvq --checkpoint=MODEL_DIR --corpus_dir=DIR [--num_clips=N] | "
+           "musiclm mulan embed --checkpoint=MODEL_DIR [--text=PROMPT ...] [--audio=FILE ...]")
+  if args == ["fit_rvq"]:
+    num_clips = FLAGS.num_clips if FLAGS["num_clips"].present else None
+    _run(mulan_cli.fit_rvq, _require_flag("checkpoint", usage),
+               _require_flag("corpus_dir", usage), num_clips)
+  elif args == ["embed"]:
+    for row in _run(mulan_cli.embed, _require_flag("checkpoint", usage), FLAGS.text,
+                          FLAGS.audio):
+      print(json.dumps(row), flush=True)
+  else:
+    raise UsageError(f"usage: {usage}; got {' '.join(args) or 'nothing'}")
+
+
+def _semantic(args: Sequence[str]) -> None:
+  from musiclm_jax.tokenizers import semantic_cli  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm semantic fit_kmeans --checkpoint=MODEL_DIR --corpus_dir=DIR | "
+           "musiclm semantic tokens --checkpoint=MODEL_DIR IN_AUDIO [OUT.npy]")
+  if args == ["fit_kmeans"]:
+    _run(semantic_cli.fit_kmeans, _require_flag("checkpoint", usage),
+                  _require_flag("corpus_dir", usage))
+  elif len(args) in (2, 3) and args[0] == "tokens":
+    row = _run(semantic_cli.tokens, _require_flag("checkpoint", usage), *args[1:])
+    print(json.dumps(row), flush=True)
+  else:
+    raise UsageError(f"usage: {usage}; got {' '.join(args) or 'nothing'}")
+
+
+def _eval_semantic(args: Sequence[str]) -> None:
+  from musiclm_jax.eval import semantic as semantic_eval  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.tokenizers import semantic_cli  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm eval semantic --checkpoint=MODEL_DIR --corpus_dir=DIR [--split=test "
+           "--num_clips=32 --output=report.json]")
+  if args:
+    raise UsageError(f"usage: {usage}; got {' '.join(args)}")
+  report = _run(semantic_cli.evaluate, _require_flag("checkpoint", usage),
+                         _require_flag("corpus_dir", usage), FLAGS.split, FLAGS.num_clips)
+  print(semantic_eval.format_report(report), flush=True)
+  _write_report(report)
+
+
+EVALUATIONS: dict[str, Callable[[Sequence[str]], None]] = {"codec": _eval_codec,
+                                                           "mulan": _eval_mulan,
+                                                           "semantic": _eval_semantic}
+
+
+def _eval(args: Sequence[str]) -> None:
+  if not args or args[0] not in EVALUATIONS:
+    raise UsageError(f"usage: musiclm eval {{{'|'.join(EVALUATIONS)}}} ...; got "
+                     f"{' '.join(args) or 'nothing'}")
+  EVALUATIONS[args[0]](args[1:])
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
-    "train": _train, "prepare": _prepare}
+    "train": _train, "prepare": _prepare, "codec": _codec, "eval": _eval, "mulan": _mulan,
+    "semantic": _semantic}
 # Modules whose gin configurables a subcommand needs, imported before gin is
 # parsed. Kept per subcommand, so that each imports only its own stack:
 # `train` runs on GPU images without TensorFlow or the audio libraries, and
@@ -129,6 +262,10 @@ GIN_MODULES = {
               "musiclm_jax.training.optimizers", "musiclm_jax.training.synthetic_task",
               "musiclm_jax.training.trainer"),
     "prepare": ("musiclm_jax.corpora.registry",),
+    "codec": (),
+    "eval": (),
+    "mulan": ("musiclm_jax.tokenizers.mulan_tokens",),
+    "semantic": ("musiclm_jax.tokenizers.semantic_cli",),
 }
 
 

@@ -2,9 +2,10 @@
 # Installs the system packages musiclm_jax needs (Debian/Ubuntu, as root or
 # with sudo): FluidSynth and two General MIDI SoundFonts, to render the
 # built-in corpora (FluidR3_GM, 141 MB, for corpora; TimGM6mb, 6 MB, for
-# tests). Packages already present are left alone, so this is cheap to rerun.
+# tests), and opus-tools (opusenc/opusdec), the Opus baseline of `musiclm eval
+# codec`. Packages already present are left alone, so this is cheap to rerun.
 set -euo pipefail
-PACKAGES=(fluidsynth fluid-soundfont-gm timgm6mb-soundfont)
+PACKAGES=(fluidsynth fluid-soundfont-gm timgm6mb-soundfont opus-tools)
 
 missing=()
 for package in "${PACKAGES[@]}"; do

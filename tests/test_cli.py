@@ -44,7 +44,7 @@ def test_missing_model_dir_is_a_clear_error():
 
 def test_unknown_subcommand_is_a_usage_error():
   result = musiclm("fly")
-  assert result.returncode != 0 and "usage: musiclm {train|prepare}" in result.stderr
+  assert result.returncode != 0 and "usage: musiclm {train|prepare|codec|eval" in result.stderr
 
 
 @pytest.mark.parametrize("files, bindings, message", [

@@ -44,6 +44,7 @@ from musiclm_jax.layers.conformer import conformer_stack, layer_norm
 from musiclm_jax.layers.projection import Projection
 from musiclm_jax.layers.relative_position import RelativePositionBias
 from musiclm_jax.layers.transformer import HIDDEN_AXES, REMAT_POLICIES
+from musiclm_jax.training import steps
 from musiclm_jax.training.metrics import TrainCost
 from musiclm_jax.training.optimizers import Optimizer
 from musiclm_jax.training.train_state import TrainState
@@ -358,18 +359,6 @@ def truncate_mlm_layers(params: Any, num_mlm_layers: int) -> Any:
   return params
 
 
-def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
-  """`[batch, ...]` -> `[num_microbatches, batch / num_microbatches, ...]` (strided rows)."""
-  def split(x):
-    b = x.shape[0]
-    if b % num_microbatches:
-      raise ValueError(f"batch size {b} is not divisible by num_microbatches "
-                       f"{num_microbatches}")
-    x = x.reshape(b // num_microbatches, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
-  return jax.tree.map(split, batch)
-
-
 @gin.configurable
 class W2vBertModel:
   """w2v-BERT pre-training for the generic trainer (`train.model = @W2vBertModel()`).
@@ -502,7 +491,7 @@ class W2vBertModel:
       if num_microbatches == 1:
         grads, sums = grad_fn(state.params, audio, mask, loss_rng)
       else:
-        micro = _split_microbatches({"audio": audio, "mask": mask}, num_microbatches)
+        micro = steps.split_microbatches({"audio": audio, "mask": mask}, num_microbatches)
         rngs = jax.random.split(loss_rng, num_microbatches)
 
         def accumulate(acc, xs):

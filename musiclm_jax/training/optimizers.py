@@ -71,3 +71,23 @@ def make_optimizer(
   schedule = schedule if schedule is not None else warmup_cosine()
   parts = [optax.clip_by_global_norm(clip_grad_norm)] if clip_grad_norm else []
   return Optimizer(optax.chain(*parts, optimizer(schedule)), schedule)
+
+
+@gin.configurable
+def gan_optimizer(generator: Optimizer = gin.REQUIRED,
+                  discriminator: Optimizer = gin.REQUIRED) -> Optimizer:
+  """One optimizer over `{"generator": ..., "discriminator": ...}` parameters.
+
+  Each half has its own transformation and schedule (bind them with gin
+  scopes: `generator/make_optimizer.*`, `discriminator/make_optimizer.*`);
+  the logged schedule is the generator's.
+  """
+  def labels(params):
+    if set(params) != {"generator", "discriminator"}:
+      raise ValueError(f"gan_optimizer expects parameters {{generator, discriminator}}; "
+                       f"got {sorted(params)}")
+    return {name: jax.tree.map(lambda _, n=name: n, tree) for name, tree in params.items()}
+
+  return Optimizer(optax.multi_transform({"generator": generator.tx,
+                                          "discriminator": discriminator.tx}, labels),
+                   generator.schedule)

@@ -19,7 +19,7 @@ Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
 
 
-def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
   """`[batch, ...]` -> `[num_microbatches, batch / num_microbatches, ...]`.
 
   Microbatch i takes rows i, i+n, i+2n, ... so that every microbatch stays
@@ -59,12 +59,12 @@ def make_train_step(model: Any, optimizer: Optimizer,
         return jax.tree.map(jnp.add, acc, out), None
 
       zeros = jax.eval_shape(grads_and_sums, state.params,
-                             jax.tree.map(lambda x: x[0], _split_microbatches(
+                             jax.tree.map(lambda x: x[0], split_microbatches(
                                  batch, num_microbatches)), rng)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
       (grads, sums), _ = jax.lax.scan(
           accumulate, zeros,
-          (_split_microbatches(batch, num_microbatches),
+          (split_microbatches(batch, num_microbatches),
            jax.random.split(rng, num_microbatches)))
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)

@@ -1,0 +1,1 @@
+"""Evaluation: codec quality, retrieval, semantic tokens, generation."""
