@@ -147,8 +147,10 @@ def test_sharded_step_equals_unsharded_step():
   # 16 pairs: a per-shard loss would see 2 candidates, log 2 at most by chance
   np.testing.assert_allclose(sharded[1]["loss"], single[1]["loss"], rtol=1e-5)
   np.testing.assert_allclose(sharded[1]["accuracy"], single[1]["accuracy"])
+  # Adam divides by sqrt(v): a gradient near 0 summed in another order may move
+  # its parameter by ~1e-5 of the 1e-2 step.
   for a, b in zip(jax.tree.leaves(sharded[0].params), jax.tree.leaves(single[0].params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
   shard_loss = jax.jit(lambda b: model.loss(params, b)[0])
   per_shard = np.mean([float(shard_loss(jax.tree.map(lambda x: x[i:i + 2], batch)))
                        for i in range(0, 16, 2)])

@@ -135,8 +135,9 @@ class ResidualVectorQuantizer(nn.Module):
   mutable (`apply(..., mutable=["quantizer"])`): then
 
   * on the first call with `kmeans_init`, every level's codebook is fitted by
-    k-means on that batch's residuals (`fit_rvq`; the batch is sampled with
-    replacement up to K vectors when smaller), with the cluster sizes as EMA
+    k-means on that batch's residuals (`fit_rvq`; a batch of fewer than K
+    vectors is repeated up to K rows, so every vector can become a code),
+    with the cluster sizes as EMA
     counts;
   * every call moves the EMA statistics of each level towards the batch's
     code counts and member sums (only from examples where the level is
@@ -261,11 +262,10 @@ class ResidualVectorQuantizer(nn.Module):
 
   def _kmeans_statistics(self, rng: jax.Array, flat: jax.Array):
     """Codebooks fitted on `flat [N, D]`, their cluster sizes as counts, and sums."""
-    sample_rng, fit_rng = jax.random.split(rng)
     data = flat
-    if flat.shape[0] < self.codebook_size:
-      data = flat[jax.random.randint(sample_rng, (self.codebook_size,), 0, flat.shape[0])]
-    codebooks = fit_rvq(fit_rng, data, self.num_levels, self.codebook_size, self.kmeans_iters)
+    if flat.shape[0] < self.codebook_size:  # every vector, repeated up to K rows
+      data = flat[jnp.arange(self.codebook_size) % flat.shape[0]]
+    codebooks = fit_rvq(rng, data, self.num_levels, self.codebook_size, self.kmeans_iters)
     counts = code_histogram(rvq_encode(codebooks, flat), self.codebook_size)
     sums = codebooks * laplace_smoothed_counts(counts, self.epsilon)[..., None]
     return codebooks, counts, sums
