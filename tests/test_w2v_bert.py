@@ -173,6 +173,23 @@ def test_negatives_are_other_masked_frames():
       assert mask[b][negatives[b][mask[b]]].all()
 
 
+def test_flat_negatives_by_scope():
+  mask = np.array(w2v_bert.span_mask(jax.random.PRNGKey(5), 4, 30, 0.2, 3))
+  flat_mask = mask.reshape(-1)
+  own = np.arange(4 * 30).reshape(4, 30, 1)
+  clip = np.asarray(w2v_bert.sample_flat_negatives(jax.random.PRNGKey(6), jnp.asarray(mask),
+                                                   16, "clip"))
+  assert clip.shape == (4, 30, 16) and not np.any(clip == own)
+  assert np.all(clip // 30 == np.arange(4)[:, None, None])  # the frame's own clip
+  batch = np.asarray(w2v_bert.sample_flat_negatives(jax.random.PRNGKey(6), jnp.asarray(mask),
+                                                    16, "batch"))
+  assert batch.shape == (4, 30, 16) and not np.any(batch == own)
+  assert flat_mask[batch[mask]].all()  # masked frames only
+  assert len(np.unique(batch[mask] // 30)) == 4  # drawn across clips
+  with pytest.raises(ValueError, match="scope"):
+    w2v_bert.sample_flat_negatives(jax.random.PRNGKey(6), jnp.asarray(mask), 4, "corpus")
+
+
 def test_pretraining_loss_falls_through_the_trainer(trained_dir):
   model_dir, result = trained_dir
   rows = [r for r in read_jsonl_metrics(model_dir) if "train/loss" in r]
