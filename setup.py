@@ -23,11 +23,12 @@ DATA = [
     "soxr>=0.3.7",
     "pretty_midi>=0.2.10,<0.3",
     "music21>=9.1,<11",
+    "scikit-learn>=1.3",  # normalised mutual information in the semantic-token evaluation
     # sentencepiece 0.2.3 is generated with protobuf 7, which apache-beam (the
     # SeqIO cache job) cannot use; 0.2.0 imports with either protobuf.
     "sentencepiece==0.2.0",
 ]
-DEV = ["pytest>=8.0"]
+DEV = ["pytest>=8.0", "pytest-xdist>=3.5"]
 
 setuptools.setup(
     name="musiclm_jax",
