@@ -201,7 +201,7 @@ def test_pretraining_loss_falls_through_the_trainer(trained_dir):
   assert np.mean([r["train/accuracy"] for r in last]) > 0.2  # MLM: 32 codes
   assert np.mean([r["train/code_perplexity"] for r in last]) > 8  # codes in use
   assert 0.2 < rows[-1]["train/masked_fraction"] < 0.7
-  assert result.metrics["audio_s_per_sec"] > 0
+  assert result.metrics["audio_seconds_per_sec"] > 0
   assert result.metrics["eval_loss"] < 0.8 * first["train/loss"]
   assert os.listdir(os.path.join(model_dir, "checkpoints")) == ["200"]
 

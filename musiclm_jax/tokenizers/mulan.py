@@ -530,7 +530,7 @@ class MulanModel:
     cost = forward.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):
       cost = cost[0] if cost else {}
-    return TrainCost("audio_s", batch_size * self.config.window_seconds,
+    return TrainCost("audio_seconds", batch_size * self.config.window_seconds,
                      3.0 * float(cost.get("flops", 0.0)))
 
   # -- embedding ---------------------------------------------------------------

@@ -592,7 +592,7 @@ class W2vBertModel:
   def train_cost(self, batch_size: int, batch: Batch) -> TrainCost:
     """Seconds of audio per step and the model FLOPs of a step."""
     samples = batch["audio"].shape[-1]
-    return TrainCost("audio_s", batch_size * samples / SAMPLE_RATE,
+    return TrainCost("audio_seconds", batch_size * samples / SAMPLE_RATE,
                      self.config.train_flops(batch_size, num_frames(samples)))
 
   # -- inference -----------------------------------------------------------------
