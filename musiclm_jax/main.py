@@ -3,8 +3,13 @@
     musiclm train --gin_file=gin/runs/synthetic_tiny.gin \
         --gin_bindings="MODEL_DIR='/tmp/run'"
     musiclm prepare gm_synth --data_dir=data --num_examples=200 --seconds=10
+    musiclm codec roundtrip --checkpoint=MODEL_DIR in.wav out.wav
+    musiclm mulan {fit_rvq|embed} --checkpoint=MODEL_DIR ...
+    musiclm semantic {fit_kmeans|tokens} --checkpoint=MODEL_DIR ...
+    musiclm eval {codec|mulan|semantic} --checkpoint=MODEL_DIR --corpus_dir=DIR
 
-`--gin_file` and `--gin_bindings` repeat; `--gin_search_paths` adds
+A trained model is read from the MODEL_DIR its `musiclm train` run wrote
+(`--checkpoint`). `--gin_file` and `--gin_bindings` repeat; `--gin_search_paths` adds
 directories in which `--gin_file` and gin `include`s are looked up (this
 repository's root and `gin/` are always searched last).
 """
@@ -34,9 +39,11 @@ flags.DEFINE_integer("seed", 0, "prepare: seed of composition, choices and split
 flags.DEFINE_string("source_dir", None, "prepare: the user's files (audio_folder, musiccaps).")
 flags.DEFINE_integer("workers", 0, "prepare: worker processes (0: one per CPU core).")
 # Trained models are read from the MODEL_DIR their training run wrote.
-flags.DEFINE_string("checkpoint", None, "codec, eval: MODEL_DIR of the trained model.")
+flags.DEFINE_string("checkpoint", None,
+                    "codec, mulan, semantic, eval: MODEL_DIR of the trained model.")
 flags.DEFINE_integer("num_levels", 0, "codec: RVQ levels to keep (0: all).")
-flags.DEFINE_string("corpus_dir", None, "eval: the built corpus to evaluate on.")
+flags.DEFINE_string("corpus_dir", None,
+                    "eval, mulan fit_rvq, semantic fit_kmeans: a corpus built by prepare.")
 flags.DEFINE_string("split", "test", "eval: corpus split.")
 flags.DEFINE_integer("num_clips", 32, "eval: clips to evaluate on.")
 flags.DEFINE_string("output", None, "eval: also write the report to this JSON file.")
@@ -189,7 +196,7 @@ def _eval_mulan(args: Sequence[str]) -> None:
   if args:
     raise UsageError(f"usage: {usage}; got {' '.join(args)}")
   report = _run(mulan_cli.evaluate, _require_flag("checkpoint", usage),
-                      _require_flag("corpus_dir", usage), FLAGS.split, FLAGS.num_clips)
+                _require_flag("corpus_dir", usage), FLAGS.split, FLAGS.num_clips)
   print(json.dumps(report, indent=1), flush=True)
   _write_report(report)
 
@@ -201,10 +208,10 @@ def _mulan(args: Sequence[str]) -> None:
   if args == ["fit_rvq"]:
     num_clips = FLAGS.num_clips if FLAGS["num_clips"].present else None
     _run(mulan_cli.fit_rvq, _require_flag("checkpoint", usage),
-               _require_flag("corpus_dir", usage), num_clips)
+         _require_flag("corpus_dir", usage), num_clips)
   elif args == ["embed"]:
     for row in _run(mulan_cli.embed, _require_flag("checkpoint", usage), FLAGS.text,
-                          FLAGS.audio):
+                    FLAGS.audio):
       print(json.dumps(row), flush=True)
   else:
     raise UsageError(f"usage: {usage}; got {' '.join(args) or 'nothing'}")
@@ -216,7 +223,7 @@ def _semantic(args: Sequence[str]) -> None:
            "musiclm semantic tokens --checkpoint=MODEL_DIR IN_AUDIO [OUT.npy]")
   if args == ["fit_kmeans"]:
     _run(semantic_cli.fit_kmeans, _require_flag("checkpoint", usage),
-                  _require_flag("corpus_dir", usage))
+         _require_flag("corpus_dir", usage))
   elif len(args) in (2, 3) and args[0] == "tokens":
     row = _run(semantic_cli.tokens, _require_flag("checkpoint", usage), *args[1:])
     print(json.dumps(row), flush=True)
@@ -232,7 +239,7 @@ def _eval_semantic(args: Sequence[str]) -> None:
   if args:
     raise UsageError(f"usage: {usage}; got {' '.join(args)}")
   report = _run(semantic_cli.evaluate, _require_flag("checkpoint", usage),
-                         _require_flag("corpus_dir", usage), FLAGS.split, FLAGS.num_clips)
+                _require_flag("corpus_dir", usage), FLAGS.split, FLAGS.num_clips)
   print(semantic_eval.format_report(report), flush=True)
   _write_report(report)
 

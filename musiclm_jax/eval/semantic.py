@@ -26,7 +26,6 @@ import io
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pretty_midi
 from sklearn.metrics import normalized_mutual_info_score

@@ -62,6 +62,9 @@ class CodecModel:
     self.discriminator = discriminator or CodecDiscriminator()
     self.loss_weights = loss_weights or codec_losses.CodecLossWeights()
     self.adversarial_warmup_steps = adversarial_warmup_steps
+    self._reconstruct_for_summaries = jax.jit(
+        lambda params, model_state, wav: self.reconstruct(params, model_state, wav,
+                                                          train=False)[0])
 
   def _check_batch(self, batch: Batch) -> jax.Array:
     wav = batch["audio"]
@@ -173,8 +176,7 @@ class CodecModel:
   def write_summaries(self, writer, step: int, state: TrainState, batch: Batch) -> None:
     """Originals, reconstructions and their log-mel spectrograms (TensorBoard)."""
     wav = batch["audio"][:SUMMARY_CLIPS]
-    wav_hat, _, _ = jax.jit(self.reconstruct, static_argnums=3)(
-        state.params, state.model_state, wav, False)
+    wav_hat = self._reconstruct_for_summaries(state.params, state.model_state, wav)
     pair = {"original": np.asarray(wav), "reconstruction": np.asarray(wav_hat)}
     writer.write_audios(step, {f"codec/{k}": np.clip(v, -1, 1)[..., None]
                                for k, v in pair.items()}, sample_rate=SAMPLE_RATE)
