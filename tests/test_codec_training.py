@@ -63,6 +63,11 @@ def test_gan_steps_log_finite_metrics_and_save_the_codebooks(trained_codec):
   assert variables["quantizer"]  # the EMA codebooks are part of the checkpoint
   eval_rows = [r for r in read_jsonl_metrics(trained_codec) if "eval/mel_distance" in r]
   assert eval_rows and np.isfinite(eval_rows[0]["eval/mel_distance"])
+  events = b"".join(open(os.path.join(trained_codec, f), "rb").read()
+                    for f in os.listdir(trained_codec) if f.startswith("events.out"))
+  for tag in (b"codec/original", b"codec/reconstruction", b"codec/original_log_mel",
+              b"codec/reconstruction_log_mel"):
+    assert tag in events  # TensorBoard audio and spectrograms of validation clips
 
 
 def test_discriminator_is_frozen_during_warm_up_only(trained_codec):

@@ -169,8 +169,9 @@ def test_kmeans_init_with_fewer_vectors_than_codes():
 def test_dead_code_restarts_from_batch_vector():
   x, _ = clustered_frames(4, num_centres=3)
   flat = x.reshape(-1, 4)
+  # 128 vectors, 4 codes: a code's mean use is 32 per step; dead below 0.32.
   quantizer = make_quantizer(num_levels=1, codebook_size=4, decay=0.5,
-                             dead_code_threshold=0.3)
+                             dead_code_threshold=0.01)
   variables = init_variables(quantizer, x)
   centres = np.stack([flat[0], flat[1], flat[2], np.full(4, 100.0, np.float32)])[None]
   variables = {"quantizer": {**variables["quantizer"], "codebook": jnp.asarray(centres),
@@ -187,12 +188,32 @@ def test_dead_code_restarts_from_batch_vector():
   assert float(output.metrics["codes_restarted_level0"]) == 1
   assert float(output.metrics["codes_restarted"]) == 1
   restarted = np.asarray(variables["quantizer"]["codebook"][0, 3])
-  assert np.min(np.abs(flat - restarted).max(axis=1)) < 1e-6  # a vector of the batch
-  # Its EMA sum is set to agree with it, so that the next EMA step starts from it.
+  assert np.min(np.abs(flat - restarted).max(axis=1)) < 1e-5  # a vector of the batch
+  # Its count restarts at the mean use (128 / 4), and its EMA sum agrees with
+  # the new vector, so that the next EMA step starts from it.
   count = np.asarray(variables["quantizer"]["ema_count"][0])
+  np.testing.assert_allclose(count[3], 32.0)
   smoothed = (count + 1e-5) / (count.sum() + 4e-5) * count.sum()
   np.testing.assert_allclose(variables["quantizer"]["ema_sum"][0, 3], restarted * smoothed[3],
                              rtol=1e-5)
+
+
+def test_a_large_codebook_on_small_batches_is_not_restarted_every_step():
+  # 192 vectors per step for 1024 codes (SoundStream's tiny CPU batches): an
+  # absolute dead-code threshold would call every code dead and restart them
+  # all at every step, so that the codebook never settles.
+  quantizer = make_quantizer(num_levels=2, codebook_size=1024, kmeans_init=True,
+                             dead_code_threshold=0.1, decay=0.99)
+  x, _ = clustered_frames(9, batch=8, frames=24, num_centres=16)
+  variables = init_variables(quantizer, x)
+  step = jax.jit(functools.partial(train_call, quantizer))
+  noise = np.random.default_rng(0).normal(size=(6,) + x.shape).astype(np.float32)
+  restarted = []
+  for seed in range(6):
+    output, variables = step(variables, x + 0.01 * noise[seed], seed=seed)
+    restarted.append(float(output.metrics["codes_restarted"]))
+  # The first step replaces k-means' duplicate codes; after that, hardly any.
+  assert max(restarted[1:]) < 0.01 * 1024, restarted
 
 
 def test_quantizer_dropout_uses_a_prefix_of_levels_per_example():

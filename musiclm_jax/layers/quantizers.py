@@ -142,8 +142,14 @@ class ResidualVectorQuantizer(nn.Module):
   * every call moves the EMA statistics of each level towards the batch's
     code counts and member sums (only from examples where the level is
     active) and sets `codebook = ema_sum / laplace_smoothed(ema_count)`;
-  * a code whose EMA count is below `dead_code_threshold` restarts from a
-    random residual vector of the current batch at its level.
+  * a code whose EMA count (its uses per step, averaged) falls below
+    `dead_code_threshold` times the mean use of a code at its level (this
+    batch's active vectors / K) restarts from a random residual vector of
+    the current batch, with its count reset to that mean, which gives it
+    time to win vectors before it can be judged dead again. Relative to the
+    batch, the rule means the same with 200 vectors per step as with 20 000
+    (an absolute threshold such as 2 uses would call every code of a
+    1024-code book dead at small batches and restart them all every step).
 
   With `quantizer_dropout` and `train=True`, each example uses the first n
   levels, n ~ Uniform{1..Q} (rng stream `"quantizer"`, which is also used to
@@ -158,7 +164,7 @@ class ResidualVectorQuantizer(nn.Module):
   epsilon: float = 1e-5
   kmeans_init: bool = True
   kmeans_iters: int = 10
-  dead_code_threshold: float = 2.0
+  dead_code_threshold: float = 0.1
   quantizer_dropout: bool = True
 
   @nn.compact
@@ -282,14 +288,15 @@ class ResidualVectorQuantizer(nn.Module):
     batch_sums = jax.lax.map(level_sums, (codes.T, residuals, active.T))
     counts = self.decay * counts + (1.0 - self.decay) * histogram
     sums = self.decay * sums + (1.0 - self.decay) * batch_sums
-    smoothed = laplace_smoothed_counts(counts, self.epsilon)
-    codebooks = sums / smoothed[..., None]
 
-    has_data = jnp.sum(active, axis=0) > 0
-    dead = (counts < self.dead_code_threshold) & has_data[:, None]  # [Q, K]
+    num_active = jnp.sum(active, axis=0)  # [Q]
+    mean_count = (num_active / self.codebook_size)[:, None]  # [Q, 1]
+    dead = (counts < self.dead_code_threshold * mean_count) & (num_active > 0)[:, None]
+    counts = jnp.where(dead, mean_count, counts)
+    smoothed = laplace_smoothed_counts(counts, self.epsilon)
     samples = _sample_active(rng, residuals, active, self.codebook_size)  # [Q, K, D]
-    codebooks = jnp.where(dead[..., None], samples, codebooks)
     sums = jnp.where(dead[..., None], samples * smoothed[..., None], sums)
+    codebooks = sums / smoothed[..., None]
     return codebooks, counts, sums, jnp.sum(dead, axis=-1).astype(jnp.float32)
 
   def _metrics(self, histogram: jax.Array, restarted: jax.Array) -> dict[str, jax.Array]:

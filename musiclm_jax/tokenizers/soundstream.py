@@ -58,7 +58,7 @@ class SoundStreamConfig:
   quantizer_decay: float = 0.99
   quantizer_kmeans_init: bool = True
   quantizer_kmeans_iters: int = 10
-  quantizer_dead_code_threshold: float = 2.0
+  quantizer_dead_code_threshold: float = 0.1
   quantizer_dropout: bool = True
   dtype: str = "float32"
 
