@@ -105,12 +105,13 @@ class CodecModel:
       rng = jax.random.fold_in(state.rng, state.step)
       adversarial_on = (state.step >= self.adversarial_warmup_steps).astype(jnp.float32)
       disc_params = state.params["discriminator"]
+      # Feature-matching targets: no gradient reaches the generator through them.
+      real = self.discriminator.apply({"params": disc_params}, wav)
 
       def generator_loss(gen_params):
         params = {"generator": gen_params, "discriminator": disc_params}
         wav_hat, quantized, model_state = self.reconstruct(
             params, state.model_state, wav, train=True, rng=rng)
-        real = self.discriminator.apply({"params": disc_params}, wav)
         fake = self.discriminator.apply({"params": disc_params}, wav_hat)
         terms = {
             "reconstruction": codec_losses.multi_scale_spectral_loss(wav, wav_hat),
