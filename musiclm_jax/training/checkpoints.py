@@ -81,6 +81,11 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         **{MANIFEST: ocp.args.JsonRestore()}))[MANIFEST]
 
+  def read_data_state(self, step: int) -> dict[str, Any]:
+    """The input pipeline's reading position saved with step `step`."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        **{DATA: ocp.args.JsonRestore()}))[DATA]
+
   def wait(self) -> None:
     """Blocks until the save in flight (if any) is on disk."""
     self._manager.wait_until_finished()

@@ -97,7 +97,9 @@ def train(model_dir: str = gin.REQUIRED,
       iterator of `[local_batch, ...]` feature dicts (see the module doc).
     model: the model to train (`DecoderOnlyModel`, `CodecModel`, ...; the
       interface is in the module doc).
-    num_steps: stop once the state reaches this step.
+    num_steps: stop once the state reaches this step. 0 saves the initialised
+      model as step 0 without compiling a train step (to test a pipeline with
+      untrained models, or to inspect an initialisation).
     batch_size: global batch size (all processes together).
     optimizer: default `make_optimizer()`.
     partitioner: default `Partitioner()` (all devices data-parallel).
@@ -154,6 +156,8 @@ def train(model_dir: str = gin.REQUIRED,
   step = start_step
   with _sigterm_flag() as sigterm, contextlib.closing(writer):
     try:
+      if num_steps == 0 and ckpt.latest_step() is None:
+        ckpt.save(0, state, train_iter.get_state(), manifest)  # the untrained model
       while step < num_steps:
         batch = partitioner.shard_batch(next(train_iter))
         state, step_metrics = train_step(state, batch)
