@@ -15,49 +15,22 @@ which costs a moment per thousand batches.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
-
 import gin
 import jax
 import numpy as np
 import tensorflow as tf
 
 from musiclm_jax.tasks import corpora
+from musiclm_jax.tasks import resumable
 
 SHUFFLE_BUFFER = 1024
 
 
-class ClipIterator(Iterator[dict[str, np.ndarray]]):
-  """This process' rows of each global batch, resumable by batch count."""
-
-  def __init__(self, task: "AudioClipTask", split: str, global_batch_size: int):
-    if global_batch_size % jax.process_count():
-      raise ValueError(f"batch size {global_batch_size} is not divisible by the "
-                       f"{jax.process_count()} processes")
-    self._task = task
-    self._split = split
-    self._local_batch_size = global_batch_size // jax.process_count()
-    self._batches_read = 0
-    self._iterator = self._make_iterator(0)
-
-  def _make_iterator(self, skip_batches: int):
-    ds = self._task.dataset(self._split, self._local_batch_size)
-    return ds.skip(skip_batches).as_numpy_iterator()
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
-    self._batches_read += 1
-    for key in ("caption", "genre"):
-      if key in batch:
-        batch[key] = np.array([b.decode("utf-8") for b in batch[key]], dtype=object)
-    return batch
-
-  def get_state(self) -> dict[str, Any]:
-    return {"batches_read": self._batches_read}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._batches_read = int(state["batches_read"])
-    self._iterator = self._make_iterator(self._batches_read)
+def _decode_text(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  for key in ("caption", "genre"):
+    if key in batch:
+      batch[key] = np.array([b.decode("utf-8") for b in batch[key]], dtype=object)
+  return batch
 
 
 @gin.configurable
@@ -122,8 +95,10 @@ class AudioClipTask:
     ds = ds.enumerate().map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
 
-  def iterator(self, split: str, global_batch_size: int) -> ClipIterator:
-    return ClipIterator(self, split, global_batch_size)
+  def iterator(self, split: str, global_batch_size: int) -> resumable.BatchCountIterator:
+    """This process' rows of each global batch, resumable by batch count."""
+    local = resumable.local_batch_size(global_batch_size)
+    return resumable.BatchCountIterator(lambda: self.dataset(split, local), _decode_text)
 
 
 def read_segments(corpus_dir: str, split: str, num_clips: int, seconds: float,
