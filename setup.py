@@ -14,6 +14,8 @@ CORE = [
 ]
 DATA = [
     "seqio>=0.0.19,<0.1",
+    # SeqIO's cache job (`musiclm tokenize`); [tfrecord] brings crcmod for the TFRecord sink.
+    "apache-beam[tfrecord]>=2.60,<3",
     "tensorflow-cpu>=2.18,<2.23",
     "tensorflow-datasets>=4.9.7,<5",
     "clu>=0.0.12,<0.1",

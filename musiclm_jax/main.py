@@ -7,6 +7,7 @@
     musiclm mulan {fit_rvq|embed} --checkpoint=MODEL_DIR ...
     musiclm semantic {fit_kmeans|tokens} --checkpoint=MODEL_DIR ...
     musiclm eval {codec|mulan|semantic} --checkpoint=MODEL_DIR --corpus_dir=DIR
+    musiclm tokenize --gin_file=gin/tokenize/default.gin --gin_bindings="TOKENS_DIR='...'" ...
 
 A trained model is read from the MODEL_DIR its `musiclm train` run wrote
 (`--checkpoint`). `--gin_file` and `--gin_bindings` repeat; `--gin_search_paths` adds
@@ -244,6 +245,20 @@ def _eval_semantic(args: Sequence[str]) -> None:
   _write_report(report)
 
 
+def _tokenize(args: Sequence[str]) -> None:
+  from musiclm_jax.tasks import token_tasks  # pylint: disable=g-import-not-at-top
+  if args:
+    raise UsageError(f"tokenize takes no positional arguments; got {' '.join(args)}")
+  manifests = _run(token_tasks.tokenize)  # pylint: disable=no-value-for-parameter
+  for corpus, manifest in manifests.items():
+    print(f"tokenize {corpus}: {json.dumps(manifest['splits'])}", flush=True)
+    if "job_seconds" in manifest:
+      hours = sum(s["audio_seconds"] for s in manifest["splits"].values()) / 3600
+      print(f"tokenize {corpus}: {manifest['job_seconds']:.0f} s for {hours * 60:.1f} minutes of "
+            f"audio ({manifest['job_seconds'] / max(hours, 1e-9):.0f} s per audio hour)",
+            flush=True)
+
+
 EVALUATIONS: dict[str, Callable[[Sequence[str]], None]] = {"codec": _eval_codec,
                                                            "mulan": _eval_mulan,
                                                            "semantic": _eval_semantic}
@@ -258,7 +273,7 @@ def _eval(args: Sequence[str]) -> None:
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "train": _train, "prepare": _prepare, "codec": _codec, "eval": _eval, "mulan": _mulan,
-    "semantic": _semantic}
+    "semantic": _semantic, "tokenize": _tokenize}
 # Modules whose gin configurables a subcommand needs, imported before gin is
 # parsed. Kept per subcommand, so that each imports only its own stack:
 # `train` runs on GPU images without TensorFlow or the audio libraries, and
@@ -273,6 +288,7 @@ GIN_MODULES = {
     "eval": (),
     "mulan": ("musiclm_jax.tokenizers.mulan_tokens",),
     "semantic": ("musiclm_jax.tokenizers.semantic_cli",),
+    "tokenize": ("musiclm_jax.tasks.token_tasks",),
 }
 
 

@@ -176,6 +176,14 @@ def _write_test_prompts(target: str, cache_dir: str, test: list[tuple[base.Item,
                           "clip_id": record["key"], "attributes": record["metadata"]}) + "\n")
 
 
+def open_builder(corpus_dir: str) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of a built corpus, read from its directory."""
+  if not os.path.isfile(os.path.join(corpus_dir, "dataset_info.json")):
+    raise FileNotFoundError(f"{corpus_dir} is not a built corpus (no dataset_info.json); "
+                            f"build one with `musiclm prepare`")
+  return tfds.builder_from_directory(corpus_dir)
+
+
 def load(corpus_dir: str, split: str, sample_rate: Optional[int] = None,
          shuffle_files: bool = False) -> tf.data.Dataset:
   """A built corpus' split as a tf.data.Dataset of feature dicts.
@@ -183,10 +191,7 @@ def load(corpus_dir: str, split: str, sample_rate: Optional[int] = None,
   sample_rate: resample `audio` on the fly (e.g. 16000 for w2v-BERT and
   MuLan); None keeps 24 kHz.
   """
-  if not os.path.isfile(os.path.join(corpus_dir, "dataset_info.json")):
-    raise FileNotFoundError(f"{corpus_dir} is not a built corpus (no dataset_info.json); "
-                            f"build one with `musiclm prepare`")
-  builder = tfds.builder_from_directory(corpus_dir)
+  builder = open_builder(corpus_dir)
   if split not in builder.info.splits:
     raise ValueError(f"{corpus_dir} has no split {split!r}; it has {list(builder.info.splits)}")
   # No auto-caching: audio corpora do not belong in memory.

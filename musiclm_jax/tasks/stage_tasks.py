@@ -1,0 +1,185 @@
+"""SeqIO stage tasks `<corpus>_{semantic,coarse,fine}`, mixtures, and the trainer's `StageTask`.
+
+    train.task = @StageTask()
+    StageTask.stage = 'coarse'
+    StageTask.cache_dir = %TOKENS_DIR
+    StageTask.corpora = {'gm_synth': 1.0, 'music21_gm': 0.5}   # mixture rates
+
+A stage task reads the token cache written by `musiclm tokenize` (SeqIO's
+TFRecords of `<corpus>_tokens`), drops the clips the cache job skipped, cuts
+windows (`stages.Stage`: a random window per clip for `train`, consecutive
+fixed windows for other splits; lengths from gin `StageWindows`) and emits
+`inputs` (the prefix) and `targets` in the token space of the tokenizers
+that made the cache. SeqIO's `PrefixLMFeatureConverter` turns them into the
+decoder features the models train on. With several corpora the stage reads
+a SeqIO mixture sampled at the given rates.
+
+Reading is deterministic for a seed and host-sharded (`seqio.ShardInfo`
+from the process index); the iterator's `get_state()` is the number of
+batches read (`resumable.BatchCountIterator`), so a run resumed from a
+checkpoint sees exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import gin
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from musiclm_jax import stages
+from musiclm_jax import vocab
+from musiclm_jax.tasks import resumable
+from musiclm_jax.tasks import token_tasks
+
+SHUFFLE_BUFFER = 1024
+
+
+def stage_task_name(corpus: str, stage: str) -> str:
+  return f"{corpus}_{stage}"
+
+
+def stage_from_manifest(manifest: Mapping[str, Any], name: str,
+                        windows: stages.StageWindows) -> stages.Stage:
+  """The `Stage` of a token cache (its layout and frame rates)."""
+  return stages.make_stage(name, windows, vocab.TokenLayout.from_dict(manifest["layout"]),
+                           manifest["semantic_rate"], manifest["acoustic_rate"])
+
+
+def _tokenized_only(ds: tf.data.Dataset) -> tf.data.Dataset:
+  return ds.filter(lambda ex: tf.equal(ex["skip_reason"], ""))
+
+
+class CutWindows:
+  """Preprocessor: each clip -> its windows' prefix and target ids, one example each."""
+
+  def __init__(self, stage: stages.Stage):
+    self.stage = stage
+
+  def __call__(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    stage = self.stage
+
+    def windows(mulan, semantic, acoustic, split, seed):
+      rng = np.random.default_rng(seed.astype(np.int64).view(np.uint64)) if split == b"train" else None
+      clip = stages.ClipTokens(mulan=mulan, semantic=semantic, acoustic=acoustic)
+      return stage.examples(clip, rng)
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def cut(ex, seed):
+      prefix, targets = tf.numpy_function(
+          windows, [ex["mulan"], ex["semantic"], ex["acoustic"], ex["split"], seed],
+          [tf.int32, tf.int32], stateful=False)
+      return {"inputs": tf.ensure_shape(prefix, [None, None]),
+              "targets": tf.ensure_shape(targets, [None, None])}
+    return cut(ds).unbatch()
+
+
+def register_stage_task(cache_dir: str, corpus: str, stage_name: str,
+                        windows: stages.StageWindows) -> tuple[seqio.Task, stages.Stage]:
+  """(Re-)registers `<corpus>_<stage>` on the completed token cache of `corpus`."""
+  task_dir = token_tasks.task_cache_dir(cache_dir, corpus)
+  if not token_tasks.is_complete(task_dir):
+    raise FileNotFoundError(f"no completed token cache of {corpus!r} in {cache_dir} "
+                            f"({task_dir}); run `musiclm tokenize` first")
+  manifest = token_tasks.read_manifest(task_dir)
+  stage = stage_from_manifest(manifest, stage_name, windows)
+  levels = stage.layout.acoustic_levels
+  source = seqio.TFExampleDataSource(
+      {split: token_tasks.cached_file_pattern(task_dir, split)
+       for split in token_tasks.cached_splits(task_dir)},
+      feature_description=token_tasks.feature_description(levels))
+  feature = seqio.Feature(seqio.PassThroughVocabulary(stage.layout.vocab_size), add_eos=False,
+                          dtype=tf.int32)
+
+  def cast_codes(ds):
+    def cast(ex):
+      return dict(ex, **{k: tf.cast(ex[k], tf.int32) for k in ("semantic", "acoustic", "mulan")})
+    return ds.map(cast, num_parallel_calls=tf.data.AUTOTUNE)
+
+  name = stage_task_name(corpus, stage_name)
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  task = seqio.TaskRegistry.add(
+      name, source=source, preprocessors=[cast_codes, _tokenized_only, CutWindows(stage)],
+      output_features={"inputs": feature, "targets": feature},
+      shuffle_buffer_size=SHUFFLE_BUFFER)
+  return task, stage
+
+
+def register_stage(cache_dir: str, corpora: Mapping[str, float], stage_name: str,
+                   windows: stages.StageWindows) -> tuple[str, stages.Stage]:
+  """Registers the stage task of every corpus, and their mixture when there are several.
+
+  Returns the name to read (task or mixture) and the stage. All corpora must
+  share one token layout and frame rates (the same tokenizers).
+  """
+  if not corpora:
+    raise ValueError("no corpora given for the stage task")
+  registered = {c: register_stage_task(cache_dir, c, stage_name, windows) for c in corpora}
+  stage = next(iter(registered.values()))[1]
+  for corpus, (_, other) in registered.items():
+    if other != stage:
+      raise ValueError(f"the token cache of {corpus!r} was made by other tokenizers: its "
+                       f"layout or rates differ from {next(iter(registered))!r}'s")
+  if len(corpora) == 1:
+    return stage_task_name(next(iter(corpora)), stage_name), stage
+  name = "__".join(sorted(corpora)) + f"_{stage_name}"
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, [(stage_task_name(c, stage_name), float(rate))
+                                   for c, rate in sorted(corpora.items())])
+  return name, stage
+
+
+@gin.configurable
+class StageTask:
+  """One MusicLM stage's prefix-LM examples from token caches, for `musiclm train`.
+
+  Args:
+    stage: "semantic", "coarse" or "fine".
+    cache_dir: the `musiclm tokenize` cache directory (`TOKENS_DIR`).
+    corpora: corpus name -> mixing rate (one corpus: rate ignored).
+    windows: window seconds per stage.
+    seed: shuffling, windows and mixture sampling.
+  """
+
+  def __init__(self, stage: str = gin.REQUIRED, cache_dir: str = gin.REQUIRED,
+               corpora: Mapping[str, float] = gin.REQUIRED,
+               windows: Optional[stages.StageWindows] = None, seed: int = 0):
+    self.name, self.stage = register_stage(cache_dir, dict(corpora), stage,
+                                           windows or stages.StageWindows())
+    self.seed = seed
+
+  @property
+  def feature_lengths(self) -> dict[str, int]:
+    prefix, targets = self.stage.lengths()
+    return {"inputs": prefix, "targets": targets}
+
+  @property
+  def length(self) -> int:
+    """Decoder sequence length: prefix + targets of a full window."""
+    return sum(self.feature_lengths.values())
+
+  def dataset(self, split: str, local_batch_size: int) -> tf.data.Dataset:
+    """Endless batches of the four decoder features `[local_batch, length]`."""
+    provider = seqio.get_mixture_or_task(self.name)
+    ds = provider.get_dataset(
+        sequence_length=self.feature_lengths, split=split, shuffle=split == "train",
+        seed=self.seed, num_epochs=None,
+        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))
+    ds = seqio.PrefixLMFeatureConverter(pack=False)(ds, self.feature_lengths)
+
+    def types(ex):
+      return {"decoder_input_tokens": ex["decoder_input_tokens"],
+              "decoder_target_tokens": ex["decoder_target_tokens"],
+              "decoder_loss_weights": tf.cast(ex["decoder_loss_weights"], tf.float32),
+              "decoder_causal_attention": tf.cast(ex["decoder_causal_attention"], tf.bool)}
+    ds = ds.map(types, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
+
+  def iterator(self, split: str, global_batch_size: int) -> resumable.BatchCountIterator:
+    """This process' rows of each global batch, resumable by batch count."""
+    local = resumable.local_batch_size(global_batch_size)
+    return resumable.BatchCountIterator(lambda: self.dataset(split, local))

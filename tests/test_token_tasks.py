@@ -1,0 +1,296 @@
+"""Pre-tokenization end to end: SeqIO's Beam cache job of two tiny corpora with the
+three tiny tokenizers, then the stage tasks and mixtures that read the cache."""
+import collections
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import seqio
+
+from musiclm_jax import stages
+from musiclm_jax.corpora import audio_folder
+from musiclm_jax.corpora import base
+from musiclm_jax.tasks import corpora
+from musiclm_jax.tasks import stage_tasks
+from musiclm_jax.tasks import token_tasks
+from musiclm_jax.tokenizers import frozen
+from musiclm_jax.training import checkpoints
+from musiclm_jax.training import trainer
+from musiclm_jax.partitioning import Partitioner
+from musiclm_jax.models import DecoderOnlyModel
+import audio_fixtures
+import tiny_tokenizers
+from conftest import tiny_config
+
+TWO_WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+               "--direct_num_workers=2", "--default_sdk_harness_log_level=WARNING"]
+IN_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
+WINDOWS = stages.StageWindows(semantic_seconds=1.0, coarse_seconds=0.4, fine_seconds=0.2)
+MIN_SECONDS = 1.5  # the folder's 1.4 s clip is skipped as too short
+
+
+@pytest.fixture(scope="module")
+def folder_corpus(tmp_path_factory):
+  """Test tones in 2 s clips; one clip holds 1.4 s of audio."""
+  directory = str(tmp_path_factory.mktemp("tones"))
+  audio_fixtures.write_audio_folder(directory)
+  spec = base.BuildSpec(num_examples=0, seconds=2.0, seed=0, source_dir=directory)
+  return corpora.prepare(audio_folder.AudioFolderSource(), spec,
+                         str(tmp_path_factory.mktemp("tones_data")), workers=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tiny_gm_corpus, tmp_path_factory):
+  return tiny_tokenizers.train_in_subprocess(tiny_gm_corpus,
+                                             str(tmp_path_factory.mktemp("tokenizers")))
+
+
+def specs(tiny_gm_corpus, folder_corpus, dirs):
+  return [token_tasks.TokenTaskSpec("gm", tiny_gm_corpus, dirs, clips_per_shard=8, batch_size=4,
+                                    min_seconds=MIN_SECONDS),
+          token_tasks.TokenTaskSpec("tones", folder_corpus, dirs, clips_per_shard=8,
+                                    batch_size=4, min_seconds=MIN_SECONDS)]
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_gm_corpus, folder_corpus, tokenizer_dirs, tmp_path_factory):
+  """Both corpora cached by one Beam pipeline on two worker processes."""
+  cache_dir = str(tmp_path_factory.mktemp("tokens"))
+  manifests = token_tasks.run_cache_job(specs(tiny_gm_corpus, folder_corpus, tokenizer_dirs),
+                                        cache_dir, TWO_WORKERS)
+  return cache_dir, manifests
+
+
+def read_split(cache_dir, corpus, split, levels=12):
+  task_dir = token_tasks.task_cache_dir(cache_dir, corpus)
+  return list(token_tasks.read_cached(task_dir, split, levels).as_numpy_iterator())
+
+
+def corpus_clips(corpus_dir, split):
+  return {ex["clip_id"]: ex for ex in corpora.load(corpus_dir, split).as_numpy_iterator()}
+
+
+def test_cache_job_writes_seqio_caches_and_counts_skipped_clips(cache, tiny_gm_corpus,
+                                                                folder_corpus):
+  cache_dir, manifests = cache
+  for corpus, corpus_dir in (("gm", tiny_gm_corpus), ("tones", folder_corpus)):
+    task_dir = token_tasks.task_cache_dir(cache_dir, corpus)
+    names = set(os.listdir(task_dir))
+    assert {"COMPLETED", "tokens_manifest.json", "info.train.json", "stats.train.json"} <= names
+    built = corpora.read_report(corpus_dir)["clips"]
+    splits = manifests[corpus]["splits"]
+    for split, count in built.items():
+      assert splits[split]["clips"] + sum(splits[split]["skipped"].values()) == count
+  durations = [c["duration_s"] for c in corpus_clips(tiny_gm_corpus, "train").values()]
+  frames = sum(int(round(d * 24000)) // 960 for d in durations)
+  assert manifests["gm"]["splits"]["train"] == {
+      "clips": 20, "skipped": {}, "semantic_frames": frames, "audio_seconds": frames / 25}
+  skipped = collections.Counter()
+  for split in manifests["tones"]["splits"].values():
+    skipped.update(split["skipped"])
+  assert skipped == {"too_short": 1}
+  manifest = manifests["gm"]
+  assert manifest["layout"]["semantic_codebook_size"] == tiny_tokenizers.SEMANTIC_CLUSTERS
+  assert manifest["layout"]["mulan_codebook_size"] == tiny_tokenizers.MULAN_CODEBOOK_SIZE
+  assert (manifest["semantic_rate"], manifest["acoustic_rate"]) == (25, 50)
+  # SeqIO itself reads the cache as the token task's cached dataset.
+  token_tasks.register_token_task(specs(tiny_gm_corpus, folder_corpus, frozen.TokenizerDirs(
+      *manifest["tokenizer_dirs"].values()))[0], manifest["layout"])
+  seqio.add_global_cache_dirs([cache_dir])
+  ds = seqio.get_mixture_or_task("gm_tokens").get_dataset(None, "validation", use_cached=True,
+                                                          shuffle=False)
+  assert len(list(ds.as_numpy_iterator())) == 2
+
+
+def test_cached_tokens_equal_direct_tokenization_and_are_aligned(cache, tiny_gm_corpus,
+                                                                 tokenizer_dirs):
+  cache_dir, _ = cache
+  tokenizers = frozen.FrozenTokenizers.load(tokenizer_dirs, MIN_SECONDS)
+  clips = corpus_clips(tiny_gm_corpus, "train")
+  records = read_split(cache_dir, "gm", "train")
+  assert sorted(r["clip_id"] for r in records) == sorted(clips)
+  for record in records[:6]:
+    clip = clips[record["clip_id"]]
+    num_samples = int(round(clip["duration_s"] * 24000))
+    direct = tokenizers.tokenize_clips(clip["audio"][None], [num_samples])
+    frames = num_samples // 960
+    assert record["semantic"].shape == (frames,)
+    assert record["acoustic"].shape == (2 * frames, 12)
+    np.testing.assert_array_equal(record["semantic"], direct.semantic[0])
+    np.testing.assert_array_equal(record["acoustic"], direct.acoustic[0])
+    np.testing.assert_array_equal(record["mulan"], direct.mulan[0])
+    assert record["caption"] == clip["caption"] and record["split"] == b"train"
+
+
+def test_tokenizer_skips_bad_clips_with_reasons(tokenizer_dirs):
+  tokenizers = frozen.FrozenTokenizers.load(tokenizer_dirs, min_seconds=1.0)
+  good = audio_fixtures.tone(2.0, 24000)[:, 0]
+  nan = good.copy()
+  nan[::5] = np.nan
+  wav = np.stack([good, np.zeros_like(good), nan, good])
+  out = tokenizers.tokenize_clips(wav, [48000, 48000, 48000, 12000])
+  assert out.skip_reasons == ["", "silent", "non_finite", "too_short"]
+  assert out.semantic[0].shape == (50,) and out.acoustic[0].shape == (100, 12)
+  assert [len(s) for s in out.semantic[1:]] == [0, 0, 0]
+  with pytest.raises(FileNotFoundError, match="soundstream tokenizer at /no/such/run"):
+    frozen.FrozenTokenizers.load(frozen.TokenizerDirs("/no/such/run", tokenizer_dirs.semantic,
+                                                      tokenizer_dirs.mulan))
+
+
+def test_interrupted_job_reruns_without_duplicates_or_losses(cache, tiny_gm_corpus,
+                                                             folder_corpus, tokenizer_dirs,
+                                                             tmp_path, capsys):
+  cache_dir, _ = cache
+  rerun_dir = str(tmp_path / "tokens")
+  shutil.copytree(cache_dir, rerun_dir)
+  # What a killed job leaves: no COMPLETED, a half-written shard, Beam's temp files.
+  gm_dir = token_tasks.task_cache_dir(rerun_dir, "gm")
+  os.remove(os.path.join(gm_dir, "COMPLETED"))
+  shard = sorted(n for n in os.listdir(gm_dir) if n.startswith("train.tfrecord"))[0]
+  with open(os.path.join(gm_dir, shard), "r+b") as f:
+    f.truncate(100)
+  os.makedirs(os.path.join(gm_dir, "beam-temp-train.tfrecord-0123"))
+  tones_dir = token_tasks.task_cache_dir(rerun_dir, "tones")
+  tones_mtime = os.path.getmtime(os.path.join(tones_dir, "COMPLETED"))
+
+  token_tasks.run_cache_job(specs(tiny_gm_corpus, folder_corpus, tokenizer_dirs), rerun_dir,
+                            IN_PROCESS)
+  out = capsys.readouterr().out
+  assert "tokenize gm: removing the incomplete cache" in out
+  assert "tokenize tones: cached already" in out
+  assert os.path.getmtime(os.path.join(tones_dir, "COMPLETED")) == tones_mtime
+  for split in ("train", "validation", "test"):
+    before = read_split(cache_dir, "gm", split)
+    after = read_split(rerun_dir, "gm", split)
+    assert len(after) == len(before)
+    assert sorted(r["clip_id"] for r in after) == sorted(r["clip_id"] for r in before)
+    by_id = {r["clip_id"]: r for r in before}
+    for r in after:
+      np.testing.assert_array_equal(r["acoustic"], by_id[r["clip_id"]]["acoustic"])
+  assert not any(n.startswith("beam-temp") for n in os.listdir(gm_dir))
+
+
+def stage_rows(task, split, num_batches, batch_size=4):
+  iterator = task.iterator(split, batch_size)
+  return [next(iterator) for _ in range(num_batches)]
+
+
+def unpack(stage, row):
+  """Prefix and target ids of one decoder example."""
+  targets = row["decoder_target_tokens"]
+  prefix_len = int(row["decoder_causal_attention"].sum()) - 1
+  num_targets = int(row["decoder_loss_weights"].sum())
+  return targets[:prefix_len], targets[prefix_len:prefix_len + num_targets]
+
+
+@pytest.mark.parametrize("name", stages.STAGE_NAMES)
+def test_stage_examples_decode_to_aligned_windows_of_the_cached_tokens(cache, name):
+  cache_dir, _ = cache
+  task = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                               windows=WINDOWS)
+  stage = task.stage
+  assert task.length == sum(stage.lengths())
+  clips = read_split(cache_dir, "gm", "validation")
+  expected = set()
+  for clip in clips:  # evaluation windows: consecutive, from the start
+    tokens = stages.ClipTokens(clip["mulan"], clip["semantic"], clip["acoustic"])
+    for start in stage.window_starts(len(clip["semantic"])):
+      prefix, targets = stage.sequences(stage.window(tokens, start))
+      expected.add((prefix.tobytes(), targets.tobytes()))
+  rows = stage_rows(task, "validation", num_batches=len(expected) // 4)
+  seen = set()
+  for batch in rows:
+    assert batch["decoder_input_tokens"].shape == (4, task.length)
+    for i in range(4):
+      prefix, targets = unpack(stage, {k: v[i] for k, v in batch.items()})
+      assert len(targets) == stage.lengths()[1]
+      seen.add((prefix.tobytes(), targets.tobytes()))
+      stage.codes(prefix, targets)  # every id in its legal range
+  assert seen <= expected and len(seen) >= len(expected) - 4
+
+  train_rows = stage_rows(task, "train", num_batches=2)
+  by_mulan = {tuple(c["mulan"]): c for c in read_split(cache_dir, "gm", "train")}
+  for i in range(4):
+    prefix, targets = unpack(stage, {k: v[i] for k, v in train_rows[0].items()})
+    codes = stage.codes(prefix, targets)
+    if name == "fine":
+      continue  # no MuLan prefix to find the clip by; checked through "coarse"
+    clip = by_mulan[tuple(codes["mulan"])]
+    n = len(codes["semantic"]) if name == "semantic" else stage.semantic_frames
+    starts = [s for s in range(len(clip["semantic"]) - n + 1)
+              if np.array_equal(clip["semantic"][s:s + n], codes["semantic"][:n])]
+    assert starts, "the window's semantic tokens are not a window of its clip"
+    if name == "coarse":  # S and A windows start at the same time
+      assert any(np.array_equal(clip["acoustic"][2 * s:2 * s + 2 * n, :4], codes["acoustic"])
+                 for s in starts)
+
+
+def test_stage_reading_is_deterministic_resumable_and_host_sharded(cache, monkeypatch):
+  cache_dir, _ = cache
+  task = stage_tasks.StageTask(stage="semantic", cache_dir=cache_dir, corpora={"gm": 1.0},
+                               windows=WINDOWS, seed=3)
+  first = stage_rows(task, "train", num_batches=5)
+  again = stage_rows(task, "train", num_batches=5)
+  resumed = task.iterator("train", 4)
+  resumed.set_state({"batches_read": 3})
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a["decoder_target_tokens"], b["decoder_target_tokens"])
+  for expected in first[3:]:
+    np.testing.assert_array_equal(next(resumed)["decoder_target_tokens"],
+                                  expected["decoder_target_tokens"])
+  assert resumed.get_state() == {"batches_read": 5}
+  other_seed = stage_tasks.StageTask(stage="semantic", cache_dir=cache_dir, corpora={"gm": 1.0},
+                                     windows=WINDOWS, seed=4)
+  assert not np.array_equal(stage_rows(other_seed, "train", 1)[0]["decoder_target_tokens"],
+                            first[0]["decoder_target_tokens"])
+
+  def examples(batches):
+    return {row.tobytes() for b in batches for row in b["decoder_target_tokens"]}
+  everything = examples(stage_rows(task, "validation", 2))  # 2 clips x 4 windows
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  hosts = []
+  for index in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    hosts.append(examples(stage_rows(task, "validation", 2, batch_size=4)))
+  assert hosts[0] and hosts[1] and not hosts[0] & hosts[1]
+  assert hosts[0] | hosts[1] == everything
+
+
+def test_mixture_samples_corpora_at_their_rates(cache):
+  cache_dir, _ = cache
+  task = stage_tasks.StageTask(stage="semantic", cache_dir=cache_dir,
+                               corpora={"gm": 3.0, "tones": 1.0}, windows=WINDOWS)
+  assert task.name == "gm__tones_semantic"
+  owner = {}
+  for corpus in ("gm", "tones"):
+    for split in ("train",):
+      for clip in read_split(cache_dir, corpus, split):
+        if clip["skip_reason"]:
+          continue
+        owner.setdefault(tuple(clip["mulan"]), set()).add(corpus)
+  counts = collections.Counter()
+  for batch in stage_rows(task, "train", num_batches=40, batch_size=8):
+    for row in batch["decoder_target_tokens"]:
+      prefix = task.stage.layout.mulan_codes(row[:12])
+      corpora_of = owner[tuple(prefix)]
+      if len(corpora_of) == 1:
+        counts.update(corpora_of)
+  share = counts["gm"] / (counts["gm"] + counts["tones"])
+  assert 0.6 < share < 0.9, counts
+
+
+def test_trainer_reads_a_stage_task_and_checkpoints_its_position(cache, tmp_path):
+  cache_dir, manifests = cache
+  task = stage_tasks.StageTask(stage="fine", cache_dir=cache_dir, corpora={"gm": 1.0},
+                               windows=WINDOWS)
+  vocab_size = manifests["gm"]["layout"]["vocab_size"]
+  model = DecoderOnlyModel(tiny_config(vocab_size=vocab_size))
+  model_dir = str(tmp_path / "fine")
+  result = trainer.train(model_dir=model_dir, task=task, model=model, num_steps=2, batch_size=8,
+                         partitioner=Partitioner((2, 2, 2)), log_every_steps=1)
+  assert result.step == 2 and np.isfinite(result.metrics["loss"])
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
+  assert ckpt.latest_step() == 2
+  assert ckpt.read_data_state(2) == {"batches_read": 2}
