@@ -139,6 +139,20 @@ class Stage:
                                   first_level=self.coarse_levels).reshape(-1)
     return coarse.astype(np.int32), fine.astype(np.int32)
 
+  @property
+  def conditioned(self) -> bool:
+    """Whether the prefix starts with MuLan tokens (semantic and coarse stages)."""
+    return self.name != "fine"
+
+  def unconditional(self, prefix: np.ndarray) -> np.ndarray:
+    """`prefix [..., P]` with its MuLan tokens replaced by pad: the input of
+    conditioning dropout in training and of classifier-free guidance."""
+    if not self.conditioned:
+      raise ValueError("the fine stage has no MuLan conditioning to drop")
+    prefix = np.array(prefix, copy=True)
+    prefix[..., :self.layout.mulan_levels] = vocab.PAD_ID
+    return prefix
+
   def codes(self, prefix: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     """Inverse of `sequences`: the codes a (prefix, targets) pair holds.
 
@@ -220,13 +234,23 @@ class Stage:
     return ClipTokens(mulan=clip.mulan, semantic=clip.semantic[start:start + n_s],
                       acoustic=clip.acoustic[a0:a0 + n_s * self.frames_ratio])
 
-  def examples(self, clip: ClipTokens, rng: Optional[np.random.Generator] = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Prefix and target ids of the clip's windows, `[windows, P]` and `[windows, T]`."""
+  def examples(self, clip: ClipTokens, rng: Optional[np.random.Generator] = None,
+               conditioning_dropout: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix and target ids of the clip's windows, `[windows, P]` and `[windows, T]`.
+
+    With `rng` (training), each window's MuLan tokens are dropped (`unconditional`)
+    with probability `conditioning_dropout`, which teaches the model the
+    unconditional distribution that classifier-free guidance needs.
+    """
     self.check_clip(clip)
-    pairs = [self.sequences(self.window(clip, s))
-             for s in self.window_starts(len(clip.semantic), rng)]
-    return np.stack([p for p, _ in pairs]), np.stack([t for _, t in pairs])
+    prefixes, targets = [], []
+    for start in self.window_starts(len(clip.semantic), rng):
+      prefix, target = self.sequences(self.window(clip, start))
+      if rng is not None and self.conditioned and rng.random() < conditioning_dropout:
+        prefix = self.unconditional(prefix)
+      prefixes.append(prefix)
+      targets.append(target)
+    return np.stack(prefixes), np.stack(targets)
 
 
 def make_stage(name: str, windows: StageWindows, layout: vocab.TokenLayout,

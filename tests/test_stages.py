@@ -113,3 +113,19 @@ def test_bad_configurations_and_clips_are_clear_errors():
   misaligned = stages.ClipTokens(clip.mulan, clip.semantic, clip.acoustic[:-1])
   with pytest.raises(ValueError, match="same span"):
     stage("coarse", 0.4).examples(misaligned)
+
+
+def test_conditioning_dropout_pads_the_mulan_prefix_of_that_fraction_of_windows():
+  clip = make_clip(np.random.default_rng(6), 10)
+  s = stage("coarse", 0.4)
+  prefix, _ = s.sequences(clip)
+  dropped = s.unconditional(prefix)
+  assert np.all(dropped[:12] == vocab.PAD_ID)
+  np.testing.assert_array_equal(dropped[12:], prefix[12:])
+  rng = np.random.default_rng(7)
+  firsts = [s.examples(clip, rng, conditioning_dropout=0.3)[0][0, 0] for _ in range(400)]
+  assert 0.22 < np.mean(np.equal(firsts, vocab.PAD_ID)) < 0.38
+  no_rng = s.examples(clip, None, conditioning_dropout=0.9)[0]
+  assert np.all(no_rng[:, :12] != vocab.PAD_ID)  # evaluation windows keep the conditioning
+  with pytest.raises(ValueError, match="no MuLan conditioning"):
+    stage("fine", 0.4).unconditional(prefix)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import seqio
 
+from musiclm_jax import main as cli
 from musiclm_jax import stages
 from musiclm_jax.corpora import audio_folder
 from musiclm_jax.corpora import base
@@ -18,7 +19,6 @@ from musiclm_jax.tasks import token_tasks
 from musiclm_jax.tokenizers import frozen
 from musiclm_jax.training import checkpoints
 from musiclm_jax.training import trainer
-from musiclm_jax.partitioning import Partitioner
 from musiclm_jax.models import DecoderOnlyModel
 import audio_fixtures
 import tiny_tokenizers
@@ -281,16 +281,34 @@ def test_mixture_samples_corpora_at_their_rates(cache):
   assert 0.6 < share < 0.9, counts
 
 
-def test_trainer_reads_a_stage_task_and_checkpoints_its_position(cache, tmp_path):
+def test_stage_gin_files_train_on_the_cache_and_checkpoint_the_position(cache, tmp_path):
   cache_dir, manifests = cache
-  task = stage_tasks.StageTask(stage="fine", cache_dir=cache_dir, corpora={"gm": 1.0},
-                               windows=WINDOWS)
-  vocab_size = manifests["gm"]["layout"]["vocab_size"]
-  model = DecoderOnlyModel(tiny_config(vocab_size=vocab_size))
-  model_dir = str(tmp_path / "fine")
-  result = trainer.train(model_dir=model_dir, task=task, model=model, num_steps=2, batch_size=8,
-                         partitioner=Partitioner((2, 2, 2)), log_every_steps=1)
-  assert result.step == 2 and np.isfinite(result.metrics["loss"])
+  model_dir = str(tmp_path / "coarse")
+  for module in cli.GIN_MODULES["train"]:
+    __import__(module)
+  cli.parse_gin(["gin/stages/tiny.gin", "gin/stages/coarse.gin"],
+                [f"MODEL_DIR = '{model_dir}'", f"TOKENS_DIR = '{cache_dir}'",
+                 "CORPORA = {'gm': 1.0}", "NUM_STEPS = 2", "train.log_every_steps = 1",
+                 "train.eval_every_steps = 2", "train.eval_batches = 1",
+                 "Partitioner.mesh_shape = (2, 2, 2)"])
+  result = trainer.train()  # pylint: disable=no-value-for-parameter
+  assert result.step == 2 and np.isfinite(result.metrics["eval_loss"])
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
   assert ckpt.latest_step() == 2
   assert ckpt.read_data_state(2) == {"batches_read": 2}
+  assert ckpt.read_manifest(2)["token_layout"] == manifests["gm"]["layout"]
+
+
+def test_too_small_a_vocabulary_is_refused(cache, tmp_path):
+  cache_dir, _ = cache
+  task = stage_tasks.StageTask(stage="fine", cache_dir=cache_dir, corpora={"gm": 1.0},
+                               windows=WINDOWS)
+  model = DecoderOnlyModel(tiny_config(vocab_size=128))
+  with pytest.raises(ValueError, match="vocab_size 128 is smaller than the task's token space"):
+    trainer.train(model_dir=str(tmp_path / "x"), task=task, model=model, num_steps=1,
+                  batch_size=8)
+
+
+def test_missing_cache_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="run `musiclm tokenize` first"):
+    stage_tasks.StageTask(stage="fine", cache_dir=str(tmp_path), corpora={"gm": 1.0})

@@ -53,18 +53,24 @@ def _tokenized_only(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 class CutWindows:
-  """Preprocessor: each clip -> its windows' prefix and target ids, one example each."""
+  """Preprocessor: each clip -> its windows' prefix and target ids, one example each.
 
-  def __init__(self, stage: stages.Stage):
+  `conditioning_dropout` (training split only) drops the MuLan prefix of that
+  fraction of windows, for classifier-free guidance.
+  """
+
+  def __init__(self, stage: stages.Stage, conditioning_dropout: float = 0.0):
     self.stage = stage
+    self.conditioning_dropout = conditioning_dropout
 
   def __call__(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-    stage = self.stage
+    stage, dropout = self.stage, self.conditioning_dropout
 
     def windows(mulan, semantic, acoustic, split, seed):
-      rng = np.random.default_rng(seed.astype(np.int64).view(np.uint64)) if split == b"train" else None
+      train = split == b"train"
+      rng = np.random.default_rng(seed.astype(np.int64).view(np.uint64)) if train else None
       clip = stages.ClipTokens(mulan=mulan, semantic=semantic, acoustic=acoustic)
-      return stage.examples(clip, rng)
+      return stage.examples(clip, rng, dropout)
 
     @seqio.map_over_dataset(num_seeds=1)
     def cut(ex, seed):
@@ -77,7 +83,8 @@ class CutWindows:
 
 
 def register_stage_task(cache_dir: str, corpus: str, stage_name: str,
-                        windows: stages.StageWindows) -> tuple[seqio.Task, stages.Stage]:
+                        windows: stages.StageWindows, conditioning_dropout: float = 0.0
+                        ) -> tuple[seqio.Task, stages.Stage]:
   """(Re-)registers `<corpus>_<stage>` on the completed token cache of `corpus`."""
   task_dir = token_tasks.task_cache_dir(cache_dir, corpus)
   if not token_tasks.is_complete(task_dir):
@@ -102,14 +109,15 @@ def register_stage_task(cache_dir: str, corpus: str, stage_name: str,
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   task = seqio.TaskRegistry.add(
-      name, source=source, preprocessors=[cast_codes, _tokenized_only, CutWindows(stage)],
+      name, source=source, preprocessors=[cast_codes, _tokenized_only, CutWindows(stage, conditioning_dropout)],
       output_features={"inputs": feature, "targets": feature},
       shuffle_buffer_size=SHUFFLE_BUFFER)
   return task, stage
 
 
 def register_stage(cache_dir: str, corpora: Mapping[str, float], stage_name: str,
-                   windows: stages.StageWindows) -> tuple[str, stages.Stage]:
+                   windows: stages.StageWindows, conditioning_dropout: float = 0.0
+                   ) -> tuple[str, stages.Stage]:
   """Registers the stage task of every corpus, and their mixture when there are several.
 
   Returns the name to read (task or mixture) and the stage. All corpora must
@@ -117,7 +125,8 @@ def register_stage(cache_dir: str, corpora: Mapping[str, float], stage_name: str
   """
   if not corpora:
     raise ValueError("no corpora given for the stage task")
-  registered = {c: register_stage_task(cache_dir, c, stage_name, windows) for c in corpora}
+  registered = {c: register_stage_task(cache_dir, c, stage_name, windows, conditioning_dropout)
+                for c in corpora}
   stage = next(iter(registered.values()))[1]
   for corpus, (_, other) in registered.items():
     if other != stage:
@@ -142,15 +151,33 @@ class StageTask:
     cache_dir: the `musiclm tokenize` cache directory (`TOKENS_DIR`).
     corpora: corpus name -> mixing rate (one corpus: rate ignored).
     windows: window seconds per stage.
+    conditioning_dropout: fraction of training windows whose MuLan prefix is
+      replaced by pad (classifier-free guidance); 0 turns it off.
     seed: shuffling, windows and mixture sampling.
   """
 
   def __init__(self, stage: str = gin.REQUIRED, cache_dir: str = gin.REQUIRED,
                corpora: Mapping[str, float] = gin.REQUIRED,
-               windows: Optional[stages.StageWindows] = None, seed: int = 0):
+               windows: Optional[stages.StageWindows] = None,
+               conditioning_dropout: float = 0.0, seed: int = 0):
+    if not 0.0 <= conditioning_dropout < 1.0:
+      raise ValueError(f"conditioning_dropout must be in [0, 1); got {conditioning_dropout}")
     self.name, self.stage = register_stage(cache_dir, dict(corpora), stage,
-                                           windows or stages.StageWindows())
+                                           windows or stages.StageWindows(),
+                                           conditioning_dropout)
     self.seed = seed
+
+  @property
+  def layout(self) -> vocab.TokenLayout:
+    """The token space of the cache (the trainer records it in the checkpoint)."""
+    return self.stage.layout
+
+  def describe(self) -> dict[str, Any]:
+    """What the examples are, for the checkpoint manifest (and bundles)."""
+    stage = self.stage
+    return {"stage": stage.name, "window_seconds": stage.window_seconds,
+            "coarse_levels": stage.coarse_levels, "semantic_rate": stage.semantic_rate,
+            "acoustic_rate": stage.acoustic_rate, "read": self.name}
 
   @property
   def feature_lengths(self) -> dict[str, int]:

@@ -94,7 +94,10 @@ def train(model_dir: str = gin.REQUIRED,
   Args:
     model_dir: run directory: `checkpoints/`, TensorBoard events, metrics.jsonl.
     task: has `iterator(split, global_batch_size)` returning a resumable
-      iterator of `[local_batch, ...]` feature dicts (see the module doc).
+      iterator of `[local_batch, ...]` feature dicts (see the module doc), and
+      optionally `layout`, the token space of its examples (default
+      `vocab.LAYOUT`), and `describe()`, a JSON description of its examples;
+      both go into the checkpoint manifest.
     model: the model to train (`DecoderOnlyModel`, `CodecModel`, ...; the
       interface is in the module doc).
     num_steps: stop once the state reaches this step. 0 saves the initialised
@@ -128,7 +131,9 @@ def train(model_dir: str = gin.REQUIRED,
       lambda rng: model.init_variables(rng, init_example), optimizer.tx, partitioner)
   train_iter = task.iterator("train", batch_size)
   ckpt = checkpointer(os.path.join(model_dir, "checkpoints"))
-  manifest = _manifest(model)
+  layout = getattr(task, "layout", vocab.LAYOUT)
+  _check_vocab_size(model, layout)
+  manifest = _manifest(model, layout, task)
   state = _restore_or_init(ckpt, abstract_state, init_state, seed, train_iter, manifest)
   start_step = int(state.step)
 
@@ -193,13 +198,24 @@ def train(model_dir: str = gin.REQUIRED,
   return TrainResult(step=step, metrics=last_metrics, preempted=preempted)
 
 
-def _manifest(model: Any) -> dict[str, Any]:
+def _manifest(model: Any, layout: vocab.TokenLayout, task: Any) -> dict[str, Any]:
+  describe = getattr(task, "describe", None)
   return {"format": CHECKPOINT_FORMAT,
           "musiclm_jax_version": musiclm_jax.__version__,
           "model": type(model).__name__,
           "model_config": dataclasses.asdict(model.config),
-          "token_layout": vocab.LAYOUT.to_dict(),
+          "token_layout": layout.to_dict(),
+          "task": describe() if describe else None,
           "gin_config": gin.config_str()}
+
+
+def _check_vocab_size(model: Any, layout: vocab.TokenLayout) -> None:
+  """A token model must embed every id of the task's token space."""
+  vocab_size = getattr(model.config, "vocab_size", None)
+  if vocab_size is not None and vocab_size < layout.vocab_size:
+    raise ValueError(f"the model's vocab_size {vocab_size} is smaller than the task's token "
+                     f"space ({layout.vocab_size} ids); bind DecoderConfig.vocab_size = "
+                     f"{layout.vocab_size} or more")
 
 
 def _restore_or_init(ckpt: Checkpointer, abstract_state, init_state, seed: int,
