@@ -109,7 +109,8 @@ def load_trained_variables(model_dir: str, step: int | None = None
   Returns:
     variables: `{"params": ..., <other collections of model_state>}` as
       `jax.Array`s on one device (optimizer state is not read).
-    manifest: the checkpoint's manifest (config, token layout, gin config).
+    manifest: the checkpoint's manifest (config, token layout, gin config) and
+      the `step` read.
   Raises:
     MissingCheckpointError: no checkpoint (or not that step) in `model_dir`.
   """
@@ -143,4 +144,5 @@ def load_trained_variables(model_dir: str, step: int | None = None
   finally:
     manager.close()
   state = restored[STATE]
-  return {"params": state["params"], **(state.get("model_state") or {})}, restored[MANIFEST]
+  manifest = dict(restored[MANIFEST], step=step)
+  return {"params": state["params"], **(state.get("model_state") or {})}, manifest

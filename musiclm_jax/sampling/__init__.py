@@ -1,0 +1,1 @@
+"""Sampling from the stage decoders: KV-cached decoding, hierarchy, long form."""
