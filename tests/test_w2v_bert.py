@@ -186,6 +186,11 @@ def test_flat_negatives_by_scope():
   assert batch.shape == (4, 30, 16) and not np.any(batch == own)
   assert flat_mask[batch[mask]].all()  # masked frames only
   assert len(np.unique(batch[mask] // 30)) == 4  # drawn across clips
+  mixed = np.asarray(w2v_bert.sample_flat_negatives(jax.random.PRNGKey(6), jnp.asarray(mask),
+                                                    16, "mixed"))
+  assert mixed.shape == (4, 30, 16) and not np.any(mixed == own)
+  assert np.all(mixed[..., :8] // 30 == np.arange(4)[:, None, None])  # the clip's half
+  assert flat_mask[mixed[mask]].all() and len(np.unique(mixed[mask][:, 8:] // 30)) == 4
   with pytest.raises(ValueError, match="scope"):
     w2v_bert.sample_flat_negatives(jax.random.PRNGKey(6), jnp.asarray(mask), 4, "corpus")
 
@@ -396,8 +401,29 @@ def test_evaluation_report_on_the_trained_model(fitted_dir):
   baseline = report["log_mel_kmeans"]
   for label in ("pitch_classes", "chord_root", "drum_onset"):
     assert baseline["nmi"][label] > 1.5 * baseline["nmi_shuffled_labels"][label] + 0.02, label
+  # The layer sweep scores every layer's k-means on the same frames.
+  assert list(report["layers"]) == ["input", "contrastive_1", "mlm_1", "mlm_2"]
+  for result in report["layers"].values():
+    assert set(result["nmi"]) == set(semantic_eval.LABELS)
+    assert all(0.0 <= v <= 1.0 for v in result["nmi"].values())
+    assert 1.0 <= result["perplexity"] <= result["used_clusters"] <= 16
   json.dumps(report)  # JSON-able
-  assert "NMI chord_root" in semantic_eval.format_report(report)
+  text = semantic_eval.format_report(report)
+  assert "NMI chord_root" in text and "contrastive_1" in text
+
+
+def test_layer_outputs_are_the_hidden_states_of_each_layer(fitted_dir):
+  model_dir, _ = fitted_dir
+  model, params, _ = semantic.load_w2v_bert(model_dir)
+  wav = np.stack([melody(np.random.default_rng(200 + i), 2.0) for i in range(2)])
+  layers = np.asarray(model.layer_outputs(params, wav))
+  assert model.layer_names() == ["input", "contrastive_1", "mlm_1", "mlm_2"]
+  assert layers.shape == (4, 2, 50, 32)
+  for mlm_layer in (1, 2):
+    np.testing.assert_allclose(layers[1 + mlm_layer],
+                               np.asarray(model.hidden_states(params, wav, mlm_layer)),
+                               rtol=1e-4, atol=1e-4)
+  assert not np.allclose(layers[0], layers[1]) and not np.allclose(layers[2], layers[3])
 
 
 def musiclm(*args):

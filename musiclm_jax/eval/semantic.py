@@ -17,7 +17,11 @@ reported for a baseline: k-means with as many clusters on log-mel frames
 pooled to 25 Hz, fitted on the same training frames as the semantic
 k-means. Also: cluster usage (perplexity of the token histogram, clusters
 used) and token stability (fraction of frames whose token is unchanged)
-under +/-3 dB gain and delays of 1-5 ms.
+under +/-3 dB gain and delays of 1-5 ms. Finally a layer sweep
+(`layer_sweep`): the same k-means fitted on every w2v-BERT layer (the
+subsampled input, each contrastive and MLM layer) with its NMI, to choose
+the semantic layer (`fit_semantic_kmeans.mlm_layer` or
+`W2vBertConfig.feature_layer` in gin).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import io
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pretty_midi
 from sklearn.metrics import normalized_mutual_info_score
@@ -203,6 +208,45 @@ def evaluate_tokens(tokenize: Tokenize, num_clusters: int, clips: Sequence[Label
           "stability": token_stability(tokenize, [clip.wav for clip in clips])}
 
 
+def layer_sweep(model: w2v_bert.W2vBertModel, params: Any,
+                train_batches: Iterable[Mapping[str, np.ndarray]],
+                clips: Sequence[LabelledClip], num_clusters: int, num_frames: int,
+                frames_per_clip: int, seed: int = 0,
+                dtype: str = semantic.FEATURE_DTYPE) -> dict[str, dict[str, Any]]:
+  """Which layer to tokenise: k-means tokens of every w2v-BERT layer against the labels.
+
+  For each of `model.layer_names()` (subsampled input, contrastive and MLM
+  layers), k-means with `num_clusters` is fitted on the frames that
+  `semantic.sample_frames` draws with these arguments (the same frame times
+  as the semantic and baseline fits), and the clips' tokens are scored like
+  `evaluate_tokens` (without the stability test).
+
+  Returns:
+    `{layer: {"perplexity", "used_clusters", "nmi", "nmi_shuffled_labels"}}`.
+  """
+  names = model.layer_names()
+  # [batch, frames, layers, d_model]
+  layer_frames = jax.jit(lambda p, wav: jnp.moveaxis(model.layer_outputs(p, wav, dtype), 0, 2))
+
+  def all_layers(wav: np.ndarray) -> jax.Array:  # [batch, frames, layers * d_model]
+    h = layer_frames(params, wav)
+    return h.reshape(*h.shape[:2], -1)
+
+  frames = semantic.sample_frames(all_layers, train_batches, num_frames, frames_per_clip, seed)
+  frames = frames.reshape(frames.shape[0], len(names), -1)
+  clip_frames = [np.asarray(layer_frames(params, clip.wav[None]))[0] for clip in clips]
+  labels = {name: np.concatenate([clip.labels[name] for clip in clips])
+            for name in clips[0].labels}
+  report = {}
+  for i, name in enumerate(names):
+    fitted, _ = semantic.fit_kmeans(jax.random.PRNGKey(seed), frames[:, i], num_clusters)
+    tokens = np.concatenate([np.asarray(fitted.assign(f[:, i])) for f in clip_frames])
+    nmi, chance = label_nmi(tokens, labels, seed)
+    report[name] = {**cluster_usage(tokens, num_clusters), "nmi": nmi,
+                    "nmi_shuffled_labels": chance}
+  return report
+
+
 def evaluate_semantic(tokenizer: semantic.SemanticTokenizer,
                       train_batches: Iterable[Mapping[str, np.ndarray]],
                       clips: Sequence[LabelledClip], num_frames: int, frames_per_clip: int,
@@ -218,7 +262,8 @@ def evaluate_semantic(tokenizer: semantic.SemanticTokenizer,
   Returns:
     a JSON-able report: `semantic` and `log_mel_kmeans`, each with
     `perplexity`, `used_clusters`, `nmi`, `nmi_shuffled_labels`, `stability`;
-    and `baseline_fit` (frames, inertia, ...).
+    `baseline_fit` (frames, inertia, ...); and `layers`, `layer_sweep` of the
+    tokenizer's w2v-BERT on the same frames.
   """
   if not clips:
     raise ValueError("no clips to evaluate the semantic tokens on")
@@ -235,7 +280,10 @@ def evaluate_semantic(tokenizer: semantic.SemanticTokenizer,
                                       clips, seed),
           "log_mel_kmeans": evaluate_tokens(assign_baseline, tokenizer.num_clusters, clips,
                                             seed),
-          "baseline_fit": fit_stats}
+          "baseline_fit": fit_stats,
+          "layers": layer_sweep(tokenizer.extractor.model, tokenizer.extractor.params,
+                                train_batches, clips, tokenizer.num_clusters, num_frames,
+                                frames_per_clip, seed, tokenizer.extractor.dtype)}
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -251,4 +299,10 @@ def format_report(report: Mapping[str, Any]) -> str:
   for title, value in rows:
     lines.append(f"{title:<26}" + "".join(
         f"{value(report[m]):>20.4f}" for m in ("semantic", "log_mel_kmeans")))
+  if report.get("layers"):
+    labels = list(report["label_classes"])
+    lines.append(f"NMI of each layer's k-means (tokens: {report.get('mlm_layer', '?')})")
+    lines.append(f"{'':<26}" + "".join(f"{name:>20}" for name in labels))
+    for layer, result in report["layers"].items():
+      lines.append(f"{layer:<26}" + "".join(f"{result['nmi'][n]:>20.4f}" for n in labels))
   return "\n".join(lines)

@@ -85,7 +85,7 @@ class ConvolutionModule(nn.Module):
 
 
 class ConformerLayer(nn.Module):
-  """One Conformer block; `(x, None)` in and out so that `nn.scan` can stack it.
+  """One Conformer block; returns `(x, x)`: the carry and the output that `nn.scan` stacks.
 
   Attributes:
     num_heads, head_dim: attention size.
@@ -122,14 +122,17 @@ class ConformerLayer(nn.Module):
     x = x + 0.5 * FeedForward(self.d_ff, self.dropout_rate, self.dtype, self.deterministic,
                               name="ff_out")(x)
     x = layer_norm(self.dtype, "final_norm")(x)
-    return nn.with_logical_constraint(x, HIDDEN_AXES), None
+    x = nn.with_logical_constraint(x, HIDDEN_AXES)
+    return x, x
 
 
 def conformer_stack(num_layers: int, remat_policy: str) -> type[nn.Module]:
   """`num_layers` Conformer blocks under `nn.scan` (parameters get a `layers` axis).
 
   Instantiate the result with `ConformerLayer`'s attributes and call it with
-  `(x, bias, mask)`; it returns `(x, None)`.
+  `(x, bias, mask)`; it returns `(x, outputs)`: the last layer's output
+  `[batch, frames, embed]` and every layer's, `[layers, batch, frames, embed]`
+  (dropped by the compiler where unused).
   """
   layer = ConformerLayer
   if remat_policy != "none":

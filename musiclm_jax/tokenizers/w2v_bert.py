@@ -208,18 +208,26 @@ def sample_flat_negatives(rng: jax.Array, mask: jax.Array, num_negatives: int,
   Args:
     mask: bool `[batch, frames]`.
     scope: "clip": the clip's other masked frames (`sample_negatives`);
-      "batch": any other masked frame of the batch.
+      "batch": any other masked frame of the batch; "mixed": half of them
+      (rounded down) from the clip, the rest from the batch.
   Returns:
     int32 `[batch, frames, num_negatives]`, never the frame's own flat index.
   """
   batch_size, frames = mask.shape
+  if scope == "mixed":
+    clip_rng, batch_rng = jax.random.split(rng)
+    from_clip = num_negatives // 2
+    parts = [sample_flat_negatives(batch_rng, mask, num_negatives - from_clip, "batch")]
+    if from_clip:
+      parts.insert(0, sample_flat_negatives(clip_rng, mask, from_clip, "clip"))
+    return jnp.concatenate(parts, axis=-1)
   if scope == "clip":
     offsets = (jnp.arange(batch_size, dtype=jnp.int32) * frames)[:, None, None]
     return sample_negatives(rng, mask, num_negatives) + offsets
   if scope == "batch":
     flat = sample_negatives(rng, mask.reshape(1, batch_size * frames), num_negatives)
     return flat.reshape(batch_size, frames, num_negatives)
-  raise ValueError(f"negative scope must be 'clip' or 'batch'; got {scope!r}")
+  raise ValueError(f"negative scope must be 'clip', 'batch' or 'mixed'; got {scope!r}")
 
 
 def gumbel_temperature(step: jax.Array, start: float, end: float, decay: float) -> jax.Array:
@@ -344,20 +352,32 @@ class W2vBert(nn.Module):
     mel = mel * jax.lax.rsqrt(jnp.mean(jnp.square(mel), axis=(1, 2), keepdims=True) + 1e-2)
     return self.feature_norm(self.subsampling(mel))
 
-  def _encode(self, x: jax.Array, stacks) -> list[jax.Array]:
+  def _encode(self, x: jax.Array, stacks) -> list[tuple[jax.Array, jax.Array]]:
+    """Per stack: (last output `[b, t, d]`, every layer's `[layers, b, t, d]`)."""
     positions = jnp.arange(x.shape[1])
     bias = self.relpos_bias(positions, positions)
     mask = jnp.ones((x.shape[0], 1, x.shape[1], x.shape[1]), bool)
     outputs = []
     for stack in stacks:
-      x, _ = stack(x, bias, mask)
-      outputs.append(x)
+      x, layers = stack(x, bias, mask)
+      outputs.append((x, layers))
     return outputs
 
   def hidden_states(self, wav: jax.Array) -> jax.Array:
     """Output of the last MLM layer (unmasked input, no dropout): `[batch, frames, d_model]`."""
     x = self.features(wav)
-    return self._encode(x, (self.contrastive_layers, self.mlm_layers))[-1]
+    return self._encode(x, (self.contrastive_layers, self.mlm_layers))[-1][0]
+
+  def layer_outputs(self, wav: jax.Array) -> jax.Array:
+    """Every layer's output (unmasked input, no dropout), in `layer_names` order.
+
+    Returns:
+      `[1 + num_layers, batch, frames, d_model]`: the subsampled input
+      features, then the contrastive layers, then the MLM layers.
+    """
+    x = self.features(wav)
+    (_, contrastive), (_, mlm) = self._encode(x, (self.contrastive_layers, self.mlm_layers))
+    return jnp.concatenate([x[None], contrastive, mlm])
 
   def __call__(self, wav: jax.Array, mask: jax.Array, temperature: jax.Array
                ) -> W2vBertOutput:
@@ -376,7 +396,8 @@ class W2vBert(nn.Module):
                                          self.deterministic)
     masked = jnp.where(mask[..., None], self.mask_embedding.astype(x.dtype), x)
     masked = self.dropout(masked, deterministic=self.deterministic)
-    context, mlm_out = self._encode(masked, (self.contrastive_layers, self.mlm_layers))
+    (context, _), (mlm_out, _) = self._encode(masked,
+                                              (self.contrastive_layers, self.mlm_layers))
     return W2vBertOutput(
         context=self.context_proj(context).astype(jnp.float32),
         targets=self.target_proj(vectors).astype(jnp.float32),
@@ -421,6 +442,10 @@ class W2vBertModel:
       masked-frame outputs to one vector orthogonal to every target and the
       contrastive loss sat at exactly log(1 + num_negatives); with "batch"
       negatives and `mel_norm="clip"` it falls (3.93 -> 3.35 in 300 steps).
+      "mixed" takes half of the distractors from the clip and half from the
+      batch: the batch half keeps the loss from collapsing, the clip half
+      asks the model to tell apart the notes and chords of one clip, not just
+      its instruments (`gin/tokenizers/w2v_bert_cpu.gin`).
   """
 
   def __init__(self, config: W2vBertConfig = gin.REQUIRED, mask_start_prob: float = 0.065,
@@ -438,8 +463,9 @@ class W2vBertModel:
     self.mask_start_prob = mask_start_prob
     self.mask_span = mask_span
     self.num_negatives = num_negatives
-    if negative_scope not in ("clip", "batch"):
-      raise ValueError(f"negative_scope must be 'clip' or 'batch'; got {negative_scope!r}")
+    if negative_scope not in ("clip", "batch", "mixed"):
+      raise ValueError("negative_scope must be 'clip', 'batch' or 'mixed'; got "
+                       f"{negative_scope!r}")
     self.negative_scope = negative_scope
     self.contrastive_temperature = contrastive_temperature
     self.diversity_weight = diversity_weight
@@ -596,6 +622,19 @@ class W2vBertModel:
                      self.config.train_flops(batch_size, num_frames(samples)))
 
   # -- inference -----------------------------------------------------------------
+  def layer_names(self) -> list[str]:
+    """Names of `layer_outputs`' rows: "input", "contrastive_1", ..., "mlm_1", ..."""
+    cfg = self.config
+    return (["input"] + [f"contrastive_{i}" for i in range(1, cfg.num_contrastive_layers + 1)]
+            + [f"mlm_{i}" for i in range(1, cfg.num_mlm_layers + 1)])
+
+  def layer_outputs(self, params: Any, wav: jax.Array, dtype: str | None = None) -> jax.Array:
+    """Every layer's output: float32 `[1 + num_layers, batch, samples // 640, d_model]`
+    (rows named by `layer_names`); `dtype` as in `hidden_states`."""
+    module = W2vBert(dataclasses.replace(self.config, dtype=dtype or self.config.dtype))
+    return module.apply({"params": params}, jnp.asarray(wav, jnp.float32),
+                        method=W2vBert.layer_outputs).astype(jnp.float32)
+
   def hidden_states(self, params: Any, wav: jax.Array, mlm_layer: int | None = None,
                     dtype: str | None = None) -> jax.Array:
     """Output of MLM layer `mlm_layer` (default `config.semantic_layer`).
