@@ -8,6 +8,8 @@
     musiclm semantic {fit_kmeans|tokens} --checkpoint=MODEL_DIR ...
     musiclm eval {codec|mulan|semantic} --checkpoint=MODEL_DIR --corpus_dir=DIR
     musiclm tokenize --gin_file=gin/tokenize/default.gin --gin_bindings="TOKENS_DIR='...'" ...
+    musiclm export --output=BUNDLE --gin_bindings="BundleRuns.coarse='runs/coarse'" ...
+    musiclm generate --bundle=BUNDLE --prompt="a calm piano waltz" --seconds=30 --output=a.wav
 
 A trained model is read from the MODEL_DIR its `musiclm train` run wrote
 (`--checkpoint`). `--gin_file` and `--gin_bindings` repeat; `--gin_search_paths` adds
@@ -35,8 +37,9 @@ flags.DEFINE_list("gin_search_paths", [], "extra directories to look up gin file
 # `musiclm prepare CORPUS`; everything else about a corpus is in gin.
 flags.DEFINE_string("data_dir", "data", "prepare: TFDS data directory to build corpora in.")
 flags.DEFINE_integer("num_examples", 0, "prepare: clips to build (0: all the source has).")
-flags.DEFINE_float("seconds", 10.0, "prepare: clip length in seconds.")
-flags.DEFINE_integer("seed", 0, "prepare: seed of composition, choices and splits.")
+flags.DEFINE_float("seconds", 10.0, "prepare: clip length; generate: seconds of audio.")
+flags.DEFINE_integer("seed", 0, "prepare: seed of composition, choices and splits; "
+                     "generate: seed of the first prompt (the next ones count up).")
 flags.DEFINE_string("source_dir", None, "prepare: the user's files (audio_folder, musiccaps).")
 flags.DEFINE_integer("workers", 0, "prepare: worker processes (0: one per CPU core).")
 # Trained models are read from the MODEL_DIR their training run wrote.
@@ -47,9 +50,13 @@ flags.DEFINE_string("corpus_dir", None,
                     "eval, mulan fit_rvq, semantic fit_kmeans: a corpus built by prepare.")
 flags.DEFINE_string("split", "test", "eval: corpus split.")
 flags.DEFINE_integer("num_clips", 32, "eval: clips to evaluate on.")
-flags.DEFINE_string("output", None, "eval: also write the report to this JSON file.")
+flags.DEFINE_string("output", None, "eval: also write the report to this JSON file; "
+                    "export: the bundle directory; generate: the wav file.")
+flags.DEFINE_string("bundle", None, "generate: a bundle written by `musiclm export`.")
+flags.DEFINE_multi_string("prompt", [], "generate: a text prompt (repeatable: one clip each).")
 flags.DEFINE_multi_string("text", [], "mulan embed: a text prompt (repeatable).")
-flags.DEFINE_multi_string("audio", [], "mulan embed: an audio file (repeatable).")
+flags.DEFINE_multi_string("audio", [], "mulan embed: an audio file (repeatable); "
+                          "generate: audio to continue (one, or one per prompt).")
 FLAGS = flags.FLAGS
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,6 +266,50 @@ def _tokenize(args: Sequence[str]) -> None:
             flush=True)
 
 
+def _export(args: Sequence[str]) -> None:
+  from musiclm_jax.sampling import bundle  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm export --output=BUNDLE_DIR --gin_bindings=\"BundleRuns.soundstream='...'\" "
+           "... (soundstream, w2v_bert, mulan, semantic, coarse, fine)")
+  if args:
+    raise UsageError(f"usage: {usage}; got {' '.join(args)}")
+  output = _require_flag("output", usage)
+  try:
+    runs = bundle.BundleRuns()  # pylint: disable=no-value-for-parameter
+  except TypeError as e:
+    raise UsageError(f"{e}; usage: {usage}") from e
+  _run(bundle.export_bundle, runs, output)
+
+
+def _generate(args: Sequence[str]) -> None:
+  from musiclm_jax import audio  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.sampling import bundle  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.sampling import hierarchy  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm generate --bundle=DIR --prompt=\"...\" [--prompt=...] --seconds=30 "
+           "--output=out.wav [--seed=0] [--audio=continue_me.wav]")
+  if args or not FLAGS.prompt:
+    raise UsageError(f"usage: {usage}; got {' '.join(args) or 'no --prompt'}")
+  output = _require_flag("output", usage)
+  generator = hierarchy.Generator(_run(bundle.Bundle.load, _require_flag("bundle", usage)))
+  prompt_audio = None
+  if FLAGS.audio:
+    if len(FLAGS.audio) not in (1, len(FLAGS.prompt)):
+      raise UsageError(f"give one --audio, or one per --prompt; got {len(FLAGS.audio)}")
+    loaded = [_run(audio.load, path)[0] for path in FLAGS.audio]
+    length = min(len(w) for w in loaded)
+    prompt_audio = [w[:length] for w in loaded] * (len(FLAGS.prompt) // len(loaded))
+  seeds = [FLAGS.seed + i for i in range(len(FLAGS.prompt))]
+  result = _run(generator.generate, [[(p, FLAGS.seconds)] for p in FLAGS.prompt], seeds,
+                prompt_audio)
+  stem, ext = os.path.splitext(output)
+  for i, (prompt, seed) in enumerate(zip(FLAGS.prompt, seeds)):
+    path = output if len(FLAGS.prompt) == 1 else f"{stem}_{i}{ext or '.wav'}"
+    audio.write_wav(path, result.audio[i])
+    print(json.dumps({"prompt": prompt, "seed": seed, "wav": path,
+                      "seconds": result.audio.shape[1] / audio.SAMPLE_RATE,
+                      "timings_s": {k: round(v, 3) for k, v in result.seconds.items()}}),
+          flush=True)
+
+
 EVALUATIONS: dict[str, Callable[[Sequence[str]], None]] = {"codec": _eval_codec,
                                                            "mulan": _eval_mulan,
                                                            "semantic": _eval_semantic}
@@ -273,7 +324,7 @@ def _eval(args: Sequence[str]) -> None:
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "train": _train, "prepare": _prepare, "codec": _codec, "eval": _eval, "mulan": _mulan,
-    "semantic": _semantic, "tokenize": _tokenize}
+    "semantic": _semantic, "tokenize": _tokenize, "export": _export, "generate": _generate}
 # Modules whose gin configurables a subcommand needs, imported before gin is
 # parsed. Kept per subcommand, so that each imports only its own stack:
 # `train` runs on GPU images without TensorFlow or the audio libraries, and
@@ -289,6 +340,8 @@ GIN_MODULES = {
     "mulan": ("musiclm_jax.tokenizers.mulan_tokens",),
     "semantic": ("musiclm_jax.tokenizers.semantic_cli",),
     "tokenize": ("musiclm_jax.tasks.token_tasks",),
+    "export": ("musiclm_jax.sampling.bundle",),
+    "generate": ("musiclm_jax.sampling.hierarchy",),
 }
 
 

@@ -1,8 +1,12 @@
-"""Pre-tokenization end to end: SeqIO's Beam cache job of two tiny corpora with the
-three tiny tokenizers, then the stage tasks and mixtures that read the cache."""
+"""The pipeline after the tokenizers, end to end: SeqIO's Beam cache job of two tiny
+corpora with the three tiny tokenizers, the stage tasks and mixtures that read the
+cache, stage training, bundles, and generation through the hierarchy."""
 import collections
+import json
 import os
 import shutil
+
+import gin
 
 import jax
 import numpy as np
@@ -12,6 +16,8 @@ import seqio
 from musiclm_jax import main as cli
 from musiclm_jax import stages
 from musiclm_jax.corpora import audio_folder
+from musiclm_jax.sampling import bundle
+from musiclm_jax.sampling import hierarchy
 from musiclm_jax.corpora import base
 from musiclm_jax.tasks import corpora
 from musiclm_jax.tasks import stage_tasks
@@ -312,3 +318,135 @@ def test_too_small_a_vocabulary_is_refused(cache, tmp_path):
 def test_missing_cache_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="run `musiclm tokenize` first"):
     stage_tasks.StageTask(stage="fine", cache_dir=str(tmp_path), corpora={"gm": 1.0})
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(cache, tokenizer_dirs, tmp_path_factory):
+  """The three stages untrained (step 0) on the cache, exported with the tokenizers."""
+  cache_dir, _ = cache
+  root = tmp_path_factory.mktemp("stages")
+  for module in cli.GIN_MODULES["train"]:
+    __import__(module)
+  runs = {}
+  for name in stages.STAGE_NAMES:
+    gin.clear_config()
+    runs[name] = str(root / name)
+    cli.parse_gin(["gin/stages/tiny.gin", f"gin/stages/{name}.gin"],
+                  [f"MODEL_DIR = '{runs[name]}'", f"TOKENS_DIR = '{cache_dir}'",
+                   "CORPORA = {'gm': 1.0}", "NUM_STEPS = 0",
+                   f"StageWindows.semantic_seconds = {WINDOWS.semantic_seconds}",
+                   f"StageWindows.coarse_seconds = {WINDOWS.coarse_seconds}",
+                   f"StageWindows.fine_seconds = {WINDOWS.fine_seconds}",
+                   "DecoderConfig.dtype = 'float32'"])
+    trainer.train()  # pylint: disable=no-value-for-parameter
+  gin.clear_config()
+  output = str(root / "bundle")
+  bundle.export_bundle(bundle.BundleRuns(soundstream=tokenizer_dirs.soundstream,
+                                         w2v_bert=tokenizer_dirs.semantic,
+                                         mulan=tokenizer_dirs.mulan, **runs), output)
+  return output, runs
+
+
+@pytest.fixture(scope="module")
+def generator(bundle_dir):
+  return hierarchy.Generator(bundle.Bundle.load(bundle_dir[0]))
+
+
+def test_bundle_round_trip_and_refusals(bundle_dir, cache, tokenizer_dirs, tmp_path):
+  output, runs = bundle_dir
+  _, manifests = cache
+  loaded = bundle.Bundle.load(output)
+  assert loaded.layout.to_dict() == manifests["gm"]["layout"]
+  assert {n: s.stage.window_seconds for n, s in loaded.stages.items()} == {
+      "semantic": 1.0, "coarse": 0.4, "fine": 0.2}
+  assert not os.path.exists(os.path.join(output, "coarse", "checkpoints", "0", "state",
+                                         "opt_state"))
+  for name in ("semantic", "coarse", "fine"):
+    original, _ = checkpoints.load_trained_variables(runs[name])
+    exported, _ = checkpoints.load_trained_variables(os.path.join(output, name))
+    jax.tree.map(np.testing.assert_array_equal, original["params"], exported["params"])
+  with pytest.raises(FileExistsError, match="exists"):
+    bundle.export_bundle(bundle.BundleRuns(tokenizer_dirs.soundstream, tokenizer_dirs.semantic,
+                                           tokenizer_dirs.mulan, **runs), output)
+  with pytest.raises(bundle.BundleError, match="the coarse run holds .* 'fine' examples"):
+    bundle.export_bundle(bundle.BundleRuns(
+        tokenizer_dirs.soundstream, tokenizer_dirs.semantic, tokenizer_dirs.mulan,
+        semantic=runs["semantic"], coarse=runs["fine"], fine=runs["fine"]),
+        str(tmp_path / "wrong"))
+  assert not os.path.exists(str(tmp_path / "wrong"))
+  tampered = str(tmp_path / "tampered")
+  shutil.copytree(output, tampered)
+  with open(os.path.join(tampered, "manifest.json")) as f:
+    manifest = json.load(f)
+  manifest["layout"] = dict(manifest["layout"], semantic_codebook_size=1024)
+  with open(os.path.join(tampered, "manifest.json"), "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(bundle.BundleError, match="token layout"):
+    bundle.Bundle.load(tampered)
+  with pytest.raises(FileNotFoundError, match="not a bundle"):
+    bundle.Bundle.load(str(tmp_path))
+
+
+def test_generation_is_seeded_legal_and_a_shorter_piece_starts_a_longer_one(generator):
+  rows = [[("a calm piano waltz", 2.2)], [("fast techno drums", 2.2)]]
+  long = generator.generate(rows, seeds=[1, 2])
+  frames = int(2.2 * 25)
+  assert long.audio.shape == (2, frames * 960) and np.all(np.isfinite(long.audio))
+  assert long.semantic.shape == (2, frames) and long.acoustic.shape == (2, 2 * frames, 12)
+  layout = generator.layout
+  assert np.all((long.semantic >= 0) & (long.semantic < layout.semantic_codebook_size))
+  assert np.all((long.acoustic >= 0) & (long.acoustic < layout.acoustic_codebook_size))
+  again = generator.generate(rows, seeds=[1, 2])
+  np.testing.assert_array_equal(again.acoustic, long.acoustic)
+  other = generator.generate(rows, seeds=[3, 2])
+  assert np.mean(other.semantic[0] != long.semantic[0]) > 0.3
+  np.testing.assert_array_equal(other.semantic[1], long.semantic[1])
+  # Windows slide causally: 0.8 s generated alone is the start of the 2.2 s piece.
+  short = generator.generate([[("a calm piano waltz", 0.8)], [("fast techno drums", 0.8)]],
+                             seeds=[1, 2])
+  np.testing.assert_array_equal(short.semantic, long.semantic[:, :20])
+  np.testing.assert_array_equal(short.acoustic, long.acoustic[:, :40])
+  np.testing.assert_allclose(short.audio, long.audio[:, :short.audio.shape[1]], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_story_mode_and_audio_continuation(generator):
+  story = [[("a calm piano waltz", 0.6), ("now loud drums", 0.6)]]
+  result = generator.generate(story, seeds=[0])
+  assert result.mulan.shape == (1, 2, 12) and result.semantic.shape == (1, 30)
+  prompt = audio_fixtures.tone(1.0, 24000)[:, 0][None]
+  continued = generator.generate([[("more of the same", 0.6)]], seeds=[0], prompt_audio=prompt)
+  direct = generator.bundle.tokenizers.tokenize_clips(prompt, [24000])
+  assert continued.semantic.shape == (1, 25 + 15)
+  np.testing.assert_array_equal(continued.semantic[0, :25], direct.semantic[0])
+  np.testing.assert_array_equal(continued.acoustic[0, :50], direct.acoustic[0])
+  with pytest.raises(ValueError, match="prompt is empty"):
+    generator.generate([[("  ", 1.0)]], seeds=[0])
+  with pytest.raises(ValueError, match="silent"):
+    generator.generate([[("x", 1.0)]], seeds=[0], prompt_audio=np.zeros((1, 24000)))
+
+
+def test_cli_generate_writes_one_wav_per_prompt_and_refuses_bad_input(bundle_dir, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import soundfile  # pylint: disable=g-import-not-at-top
+  output, _ = bundle_dir
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+  def musiclm(*args):
+    return subprocess.run([sys.executable, "-m", "musiclm_jax.main", *args], env=env,
+                          capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  wav = str(tmp_path / "out.wav")
+  result = musiclm("generate", f"--bundle={output}", "--prompt=a calm waltz",
+                   "--prompt=loud drums", "--seconds=0.4", f"--output={wav}", "--seed=5")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert [r["seed"] for r in rows] == [5, 6]
+  for i in range(2):
+    data, rate = soundfile.read(str(tmp_path / f"out_{i}.wav"))
+    assert rate == 24000 and data.shape == (int(0.4 * 24000),)
+  bad = musiclm("generate", f"--bundle={tmp_path}", "--prompt=x", f"--output={wav}")
+  assert bad.returncode == 1 and "is not a bundle" in bad.stderr
+  no_output = musiclm("export")
+  assert no_output.returncode == 2 and "--output is required" in no_output.stderr

@@ -1,0 +1,259 @@
+"""Text -> 24 kHz waveform through the MusicLM hierarchy, of any length.
+
+    generator = Generator(Bundle.load("bundles/tiny"))
+    result = generator.generate([[("a calm piano waltz", 30.0)]], seeds=[0])
+    result.audio  # float32 [batch, samples]
+
+Per batch row: the prompt's MuLan text tokens `M_T` -> semantic tokens ->
+coarse acoustic tokens (levels 0..3) -> fine acoustic tokens (4..11) ->
+SoundStream decoder. Every stage is sampled by `decoding.sample`.
+
+Long-form: the semantic and coarse stages slide their window over time;
+each new window starts `overlap` of a window before the end of what exists,
+and that overlap is fed as the window's target prompt (fed causally, as in
+training), so the music continues rather than restarting. The fine stage
+works on consecutive windows, all windows of all rows in one batch.
+
+Story mode: a row is a list of (prompt, seconds) segments; a window is
+conditioned on the segment in which its first new frame lies, and the
+overlap carries the music across the change without a break.
+
+Continuation: `prompt_audio` (24 kHz) is tokenized by the bundle's
+tokenizers and its S and A tokens are the start the windows continue from;
+its own audio is decoded from its tokens in the output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional, Sequence
+
+import gin
+import numpy as np
+
+from musiclm_jax import stages as stages_lib
+from musiclm_jax.sampling import decoding
+from musiclm_jax.sampling.bundle import Bundle
+
+Segments = Sequence[tuple[str, float]]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class HierarchyConfig:
+  """Sampling of each stage and the window overlap.
+
+  Attributes:
+    temperatures: semantic, coarse, fine (MusicLM's 1.0, 0.95, 0.4).
+    top_k, top_p: for every stage (0 and 1: off).
+    guidance_scale: classifier-free guidance of the semantic and coarse stages
+      (stages trained with conditioning dropout); 1 is off.
+    overlap: fraction of a window fed as the next window's prompt.
+  """
+
+  temperatures: tuple[float, float, float] = (1.0, 0.95, 0.4)
+  top_k: int = 0
+  top_p: float = 1.0
+  guidance_scale: float = 1.0
+  overlap: float = 0.5
+
+  def __post_init__(self):
+    if not 0.0 <= self.overlap < 1.0:
+      raise ValueError(f"overlap {self.overlap} must be in [0, 1)")
+
+  def sampling(self, stage: str) -> decoding.SamplingConfig:
+    index = stages_lib.STAGE_NAMES.index(stage)
+    guidance = self.guidance_scale if stage != "fine" else 1.0
+    return decoding.SamplingConfig(temperature=self.temperatures[index], top_k=self.top_k,
+                                   top_p=self.top_p, guidance_scale=guidance)
+
+
+@dataclasses.dataclass
+class Generation:
+  """What `Generator.generate` returns.
+
+  Attributes:
+    audio: float32 `[batch, samples]`, 24 kHz.
+    semantic: int32 `[batch, frames_s]` codes.
+    acoustic: int32 `[batch, 2 * frames_s, levels]` codes.
+    mulan: int32 `[batch, segments, mulan_levels]` codes of each segment's prompt.
+    seconds: wall time per phase.
+  """
+
+  audio: np.ndarray
+  semantic: np.ndarray
+  acoustic: np.ndarray
+  mulan: np.ndarray
+  seconds: dict[str, float]
+
+
+class Generator:
+  """Samples a bundle's hierarchy; see the module docstring."""
+
+  def __init__(self, bundle: Bundle, config: Optional[HierarchyConfig] = None):
+    self.bundle = bundle
+    self.config = config or HierarchyConfig()
+    self.layout = bundle.layout
+    self.ratio = bundle.tokenizers.acoustic_rate // bundle.tokenizers.semantic_rate
+    self.samples_per_frame = bundle.tokenizers.samples_per_frame
+
+  def generate(self, rows: Sequence[Segments], seeds: Sequence[int],
+               prompt_audio: Optional[np.ndarray] = None) -> Generation:
+    """Audio for each row of (prompt, seconds) segments; one seed per row.
+
+    All rows must have the same total length. `prompt_audio` (float32
+    `[batch, samples]`, 24 kHz) is continued instead of starting from silence;
+    the segments then describe what follows it.
+    """
+    if len(rows) != len(seeds) or not rows:
+      raise ValueError(f"{len(rows)} rows of prompts but {len(seeds)} seeds")
+    totals = {round(sum(s for _, s in row), 6) for row in rows}
+    if len(totals) != 1:
+      raise ValueError(f"all rows must last equally long; got {sorted(totals)} seconds")
+    for row in rows:
+      for prompt, seconds in row:
+        if not prompt.strip():
+          raise ValueError("a prompt is empty; describe the music to generate")
+        if seconds <= 0:
+          raise ValueError(f"segment {prompt!r} lasts {seconds} s; it must be positive")
+    timings = {}
+    started = time.time()
+    mulan, frame_segment = self._conditioning(rows)
+    seeds = np.asarray(seeds, np.uint32)
+    semantic, acoustic = self._prompt_tokens(prompt_audio, len(rows))
+    given = semantic.shape[1]
+    total = given + frame_segment.shape[0]
+    timings["mulan"] = time.time() - started
+
+    started = time.time()
+    semantic = self._semantic(mulan, frame_segment, semantic, total, seeds)
+    timings["semantic"] = time.time() - started
+    started = time.time()
+    coarse = self._coarse(mulan, frame_segment, semantic, acoustic, seeds)
+    timings["coarse"] = time.time() - started
+    started = time.time()
+    acoustic = self._fine(coarse, acoustic, given, seeds)
+    timings["fine"] = time.time() - started
+    started = time.time()
+    tokenizers = self.bundle.tokenizers
+    audio = np.asarray(tokenizers.codec.decode(tokenizers.codec_variables, acoustic))
+    timings["decode"] = time.time() - started
+    return Generation(audio=audio, semantic=semantic, acoustic=acoustic, mulan=mulan,
+                      seconds=timings)
+
+  # -- conditioning and prompts ---------------------------------------------------
+  def _conditioning(self, rows: Sequence[Segments]) -> tuple[np.ndarray, np.ndarray]:
+    """MuLan codes `[B, segments, levels]` and the segment of each new frame `[frames]`."""
+    num_segments = max(len(row) for row in rows)
+    texts = [row[min(i, len(row) - 1)][0] for row in rows for i in range(num_segments)]
+    codes = self.bundle.tokenizers.mulan.text_tokens(texts)
+    mulan = codes.reshape(len(rows), num_segments, -1)
+    rate = self.bundle.tokenizers.semantic_rate
+    bounds = np.cumsum([int(round(s * rate)) for _, s in rows[0]])
+    frame_segment = np.searchsorted(bounds, np.arange(bounds[-1]), side="right")
+    if len({len(row) for row in rows}) != 1:
+      raise ValueError("all rows must have the same number of segments")
+    return mulan, frame_segment
+
+  def _prompt_tokens(self, prompt_audio: Optional[np.ndarray], batch: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    levels = self.layout.acoustic_levels
+    if prompt_audio is None:
+      return np.zeros([batch, 0], np.int32), np.zeros([batch, 0, levels], np.int32)
+    wav = np.atleast_2d(np.asarray(prompt_audio, np.float32))
+    if len(wav) != batch:
+      raise ValueError(f"{len(wav)} prompt audios for {batch} rows")
+    out = self.bundle.tokenizers.tokenize_clips(wav, [wav.shape[1]] * batch)
+    bad = [r for r in out.skip_reasons if r]
+    if bad:
+      raise ValueError(f"the prompt audio cannot be continued: {bad[0]}")
+    return np.stack(out.semantic), np.stack(out.acoustic)
+
+  def _seeds(self, seeds: np.ndarray, stage: int, window: int) -> np.ndarray:
+    return (seeds * np.uint32(1_000_003) + np.uint32(7919 * (3 * window + stage))
+            ).astype(np.uint32)
+
+  def _mulan_ids(self, mulan: np.ndarray, segment: int) -> np.ndarray:
+    return self.layout.mulan_tokens(mulan[:, segment]).astype(np.int32)
+
+  def _prefix(self, stage: stages_lib.Stage, prefix: np.ndarray
+              ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    if self.config.sampling(stage.name).guided:
+      return prefix, stage.unconditional(prefix)
+    return prefix, None
+
+  def _windows(self, stage: stages_lib.Stage, have: int, total: int):
+    """(start, end) semantic frames of each window that extends `have` to `total`."""
+    width = stage.semantic_frames
+    context = min(int(round(self.config.overlap * width)), width - 1)
+    while have < total:
+      start = max(0, have - context) if have else 0
+      end = min(start + width, total)
+      yield start, end
+      have = end
+
+  # -- stages ---------------------------------------------------------------------
+  def _semantic(self, mulan, frame_segment, semantic, total, seeds) -> np.ndarray:
+    model = self.bundle.stages["semantic"]
+    stage, given = model.stage, semantic.shape[1]
+    for k, (start, end) in enumerate(self._windows(stage, given, total)):
+      have = semantic.shape[1]
+      segment = frame_segment[min(max(have - given, 0), len(frame_segment) - 1)]
+      prefix, uncond = self._prefix(stage, self._mulan_ids(mulan, segment))
+      lo, hi = stage.target_ranges(end - start)
+      prompt = self.layout.semantic_tokens(semantic[:, start:have]).astype(np.int32)
+      ids = decoding.sample(model.model, model.params, prefix, lo, hi,
+                            self._seeds(seeds, 0, k), self.config.sampling("semantic"),
+                            uncond, prompt)
+      new = self.layout.semantic_codes(np.asarray(ids)[:, have - start:])
+      semantic = np.concatenate([semantic, new.astype(np.int32)], axis=1)
+    return semantic
+
+  def _coarse(self, mulan, frame_segment, semantic, acoustic, seeds) -> np.ndarray:
+    """Coarse codes `[B, 2 * frames_s, coarse_levels]` for all of `semantic`."""
+    model = self.bundle.stages["coarse"]
+    stage, levels = model.stage, model.stage.coarse_levels
+    coarse = acoustic[:, :, :levels]
+    given = coarse.shape[1] // self.ratio
+    total = semantic.shape[1]
+    for k, (start, end) in enumerate(self._windows(stage, given, total)):
+      have = coarse.shape[1] // self.ratio
+      segment = frame_segment[min(max(have - given, 0), len(frame_segment) - 1)]
+      prefix = np.concatenate([self._mulan_ids(mulan, segment),
+                               self.layout.semantic_tokens(semantic[:, start:end])], axis=1)
+      prefix, uncond = self._prefix(stage, prefix.astype(np.int32))
+      lo, hi = stage.target_ranges((end - start) * self.ratio * levels)
+      known = coarse[:, start * self.ratio:]
+      prompt = self.layout.acoustic_tokens(known).reshape(len(known), -1).astype(np.int32)
+      ids = decoding.sample(model.model, model.params, prefix, lo, hi,
+                            self._seeds(seeds, 1, k), self.config.sampling("coarse"),
+                            uncond, prompt)
+      window = self.layout.acoustic_codes(np.asarray(ids).reshape(len(ids), -1, levels))
+      coarse = np.concatenate([coarse, window[:, known.shape[1]:].astype(np.int32)], axis=1)
+    return coarse
+
+  def _fine(self, coarse, acoustic, given, seeds) -> np.ndarray:
+    """All levels `[B, frames_a, levels]`: the prompt's, then fine windows over the rest."""
+    model = self.bundle.stages["fine"]
+    stage = model.stage
+    width = stage.semantic_frames * self.ratio
+    batch, frames = coarse.shape[:2]
+    starts = list(range(given * self.ratio, frames, width))
+    windows = {}  # windows of one length run as one batch
+    for s in starts:
+      windows.setdefault(min(width, frames - s), []).append(s)
+    pieces = {}
+    for length, group in windows.items():
+      prefix = np.concatenate([
+          self.layout.acoustic_tokens(coarse[:, s:s + length]).reshape(batch, -1)
+          for s in group]).astype(np.int32)  # [len(group) * B, length * coarse]
+      lo, hi = stage.target_ranges(length * stage.fine_levels)
+      row_seeds = np.concatenate([self._seeds(seeds, 2, s) for s in group])
+      ids = np.asarray(decoding.sample(model.model, model.params, prefix, lo, hi, row_seeds,
+                                       self.config.sampling("fine")))
+      fine = self.layout.acoustic_codes(ids.reshape(len(ids), length, stage.fine_levels),
+                                        stage.coarse_levels)
+      for i, s in enumerate(group):
+        pieces[s] = np.concatenate([coarse[:, s:s + length],
+                                    fine[i * batch:(i + 1) * batch]], axis=2)
+    return np.concatenate([acoustic] + [pieces[s].astype(np.int32) for s in starts], axis=1)
