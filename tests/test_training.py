@@ -145,7 +145,7 @@ def test_load_trained_variables_reads_params_and_model_state_onto_one_device(tmp
   ckpt.save(4, state, {"batches_read": 4}, {"model": "test"})
   ckpt.close()
   variables, manifest = load_trained_variables(str(tmp_path))
-  assert manifest == {"model": "test"} and sorted(variables) == ["params", "quantizer"]
+  assert manifest == {"model": "test", "step": 4} and sorted(variables) == ["params", "quantizer"]
   np.testing.assert_array_equal(variables["quantizer"]["codebook"], codebook)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                variables["params"], state.params)
