@@ -7,9 +7,11 @@
     musiclm mulan {fit_rvq|embed} --checkpoint=MODEL_DIR ...
     musiclm semantic {fit_kmeans|tokens} --checkpoint=MODEL_DIR ...
     musiclm eval {codec|mulan|semantic} --checkpoint=MODEL_DIR --corpus_dir=DIR
+    musiclm eval generation --bundle=BUNDLE --corpus_dir=DIR
     musiclm tokenize --gin_file=gin/tokenize/default.gin --gin_bindings="TOKENS_DIR='...'" ...
     musiclm export --output=BUNDLE --gin_bindings="BundleRuns.coarse='runs/coarse'" ...
     musiclm generate --bundle=BUNDLE --prompt="a calm piano waltz" --seconds=30 --output=a.wav
+    musiclm infer --bundle=BUNDLE --prompts=prompts.jsonl --output_dir=out
 
 A trained model is read from the MODEL_DIR its `musiclm train` run wrote
 (`--checkpoint`). `--gin_file` and `--gin_bindings` repeat; `--gin_search_paths` adds
@@ -52,8 +54,11 @@ flags.DEFINE_string("split", "test", "eval: corpus split.")
 flags.DEFINE_integer("num_clips", 32, "eval: clips to evaluate on.")
 flags.DEFINE_string("output", None, "eval: also write the report to this JSON file; "
                     "export: the bundle directory; generate: the wav file.")
-flags.DEFINE_string("bundle", None, "generate: a bundle written by `musiclm export`.")
+flags.DEFINE_string("bundle", None,
+                    "generate, infer, eval generation: a bundle written by `musiclm export`.")
 flags.DEFINE_multi_string("prompt", [], "generate: a text prompt (repeatable: one clip each).")
+flags.DEFINE_string("prompts", None, "infer: a JSONL file of prompts (see sampling/infer.py).")
+flags.DEFINE_string("output_dir", None, "infer: where wavs, tokens and manifest.jsonl go.")
 flags.DEFINE_multi_string("text", [], "mulan embed: a text prompt (repeatable).")
 flags.DEFINE_multi_string("audio", [], "mulan embed: an audio file (repeatable); "
                           "generate: audio to continue (one, or one per prompt).")
@@ -266,6 +271,18 @@ def _tokenize(args: Sequence[str]) -> None:
             flush=True)
 
 
+def _generator(usage: str):
+  """The bundle's hierarchy, data-parallel over this process' devices when it has several."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.partitioning import Partitioner  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.sampling import bundle  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.sampling import hierarchy  # pylint: disable=g-import-not-at-top
+  loaded = _run(bundle.Bundle.load, _require_flag("bundle", usage))
+  devices = jax.local_devices()
+  partitioner = Partitioner((len(devices), 1, 1), devices=devices) if len(devices) > 1 else None
+  return hierarchy.Generator(loaded, partitioner=partitioner)
+
+
 def _export(args: Sequence[str]) -> None:
   from musiclm_jax.sampling import bundle  # pylint: disable=g-import-not-at-top
   usage = ("musiclm export --output=BUNDLE_DIR --gin_bindings=\"BundleRuns.soundstream='...'\" "
@@ -282,14 +299,12 @@ def _export(args: Sequence[str]) -> None:
 
 def _generate(args: Sequence[str]) -> None:
   from musiclm_jax import audio  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.sampling import bundle  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.sampling import hierarchy  # pylint: disable=g-import-not-at-top
   usage = ("musiclm generate --bundle=DIR --prompt=\"...\" [--prompt=...] --seconds=30 "
            "--output=out.wav [--seed=0] [--audio=continue_me.wav]")
   if args or not FLAGS.prompt:
     raise UsageError(f"usage: {usage}; got {' '.join(args) or 'no --prompt'}")
   output = _require_flag("output", usage)
-  generator = hierarchy.Generator(_run(bundle.Bundle.load, _require_flag("bundle", usage)))
+  generator = _generator(usage)
   prompt_audio = None
   if FLAGS.audio:
     if len(FLAGS.audio) not in (1, len(FLAGS.prompt)):
@@ -310,9 +325,31 @@ def _generate(args: Sequence[str]) -> None:
           flush=True)
 
 
-EVALUATIONS: dict[str, Callable[[Sequence[str]], None]] = {"codec": _eval_codec,
-                                                           "mulan": _eval_mulan,
-                                                           "semantic": _eval_semantic}
+def _infer(args: Sequence[str]) -> None:
+  from musiclm_jax.sampling import infer  # pylint: disable=g-import-not-at-top
+  usage = "musiclm infer --bundle=DIR --prompts=prompts.jsonl --output_dir=DIR"
+  if args:
+    raise UsageError(f"usage: {usage}; got {' '.join(args)}")
+  prompts = _require_flag("prompts", usage)
+  output_dir = _require_flag("output_dir", usage)
+  print(json.dumps(_run(infer.infer, _generator(usage), prompts, output_dir)), flush=True)
+
+
+def _eval_generation(args: Sequence[str]) -> None:
+  from musiclm_jax.eval import generation  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm eval generation --bundle=DIR --corpus_dir=DIR [--num_clips=32 "
+           "--seconds=10 --seed=0 --output=report.json]")
+  if args:
+    raise UsageError(f"usage: {usage}; got {' '.join(args)}")
+  report = _run(generation.evaluate_generation, _generator(usage), _require_flag("corpus_dir", usage),
+                FLAGS.num_clips, FLAGS.seconds, FLAGS.seed)
+  print(generation.format_report(report), flush=True)
+  _write_report(report)
+
+
+EVALUATIONS: dict[str, Callable[[Sequence[str]], None]] = {
+    "codec": _eval_codec, "mulan": _eval_mulan, "semantic": _eval_semantic,
+    "generation": _eval_generation}
 
 
 def _eval(args: Sequence[str]) -> None:
@@ -324,7 +361,8 @@ def _eval(args: Sequence[str]) -> None:
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "train": _train, "prepare": _prepare, "codec": _codec, "eval": _eval, "mulan": _mulan,
-    "semantic": _semantic, "tokenize": _tokenize, "export": _export, "generate": _generate}
+    "semantic": _semantic, "tokenize": _tokenize, "export": _export, "generate": _generate,
+    "infer": _infer}
 # Modules whose gin configurables a subcommand needs, imported before gin is
 # parsed. Kept per subcommand, so that each imports only its own stack:
 # `train` runs on GPU images without TensorFlow or the audio libraries, and
@@ -336,12 +374,13 @@ GIN_MODULES = {
               "musiclm_jax.training.trainer"),
     "prepare": ("musiclm_jax.corpora.registry",),
     "codec": (),
-    "eval": (),
+    "eval": ("musiclm_jax.sampling.hierarchy",),
     "mulan": ("musiclm_jax.tokenizers.mulan_tokens",),
     "semantic": ("musiclm_jax.tokenizers.semantic_cli",),
     "tokenize": ("musiclm_jax.tasks.token_tasks",),
     "export": ("musiclm_jax.sampling.bundle",),
     "generate": ("musiclm_jax.sampling.hierarchy",),
+    "infer": ("musiclm_jax.sampling.infer",),
 }
 
 

@@ -12,12 +12,15 @@ import jax
 import numpy as np
 import pytest
 import seqio
+import soundfile
 
 from musiclm_jax import main as cli
 from musiclm_jax import stages
 from musiclm_jax.corpora import audio_folder
+from musiclm_jax.eval import generation as generation_eval
 from musiclm_jax.sampling import bundle
 from musiclm_jax.sampling import hierarchy
+from musiclm_jax.sampling import infer as infer_lib
 from musiclm_jax.corpora import base
 from musiclm_jax.tasks import corpora
 from musiclm_jax.tasks import stage_tasks
@@ -26,6 +29,7 @@ from musiclm_jax.tokenizers import frozen
 from musiclm_jax.training import checkpoints
 from musiclm_jax.training import trainer
 from musiclm_jax.models import DecoderOnlyModel
+from musiclm_jax.partitioning import Partitioner
 import audio_fixtures
 import tiny_tokenizers
 from conftest import tiny_config
@@ -429,7 +433,6 @@ def test_story_mode_and_audio_continuation(generator):
 def test_cli_generate_writes_one_wav_per_prompt_and_refuses_bad_input(bundle_dir, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  import soundfile  # pylint: disable=g-import-not-at-top
   output, _ = bundle_dir
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
@@ -450,3 +453,62 @@ def test_cli_generate_writes_one_wav_per_prompt_and_refuses_bad_input(bundle_dir
   assert bad.returncode == 1 and "is not a bundle" in bad.stderr
   no_output = musiclm("export")
   assert no_output.returncode == 2 and "--output is required" in no_output.stderr
+
+
+def test_infer_resumes_skips_bad_lines_and_splits_items_over_hosts(generator, tmp_path):
+  prompts = str(tmp_path / "prompts.jsonl")
+  lines = [{"id": "a", "prompt": "a calm waltz", "seconds": 0.4, "seed": 1},
+           {"id": "b", "prompt": "loud drums", "seconds": 0.4, "seed": 2},
+           {"id": "c", "segments": [["calm", 0.2], ["loud", 0.2]], "seed": 3},
+           {"id": "d", "prompt": "   ", "seconds": 0.4},
+           {"id": "a", "prompt": "again", "seconds": 0.4}]
+  with open(prompts, "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+    f.write("not json\n")
+  out = str(tmp_path / "out")
+  report = infer_lib.infer(generator, prompts, out, batch_size=2)
+  assert report["generated"] == 3 and report["already_done"] == 0
+  assert report["skipped"] == {"empty prompt": 1, "id 'a' repeats": 1,
+                               "Expecting value: line 1 column 1 (char 0)": 1}
+  manifest = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+  assert sorted(r["id"] for r in manifest) == ["a", "b", "c"]
+  first_b = soundfile.read(os.path.join(out, "b.wav"))[0]
+  # Killed before "b" was recorded: its line and files are gone; "a" must not be redone.
+  with open(os.path.join(out, "manifest.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in manifest if r["id"] != "b")
+  os.remove(os.path.join(out, "b.wav"))
+  mtime_a = os.path.getmtime(os.path.join(out, "a.wav"))
+  report = infer_lib.infer(generator, prompts, out, batch_size=2)
+  assert report["generated"] == 1 and report["already_done"] == 2
+  assert os.path.getmtime(os.path.join(out, "a.wav")) == mtime_a
+  np.testing.assert_allclose(soundfile.read(os.path.join(out, "b.wav"))[0], first_b, atol=1e-4)
+  tokens = np.load(os.path.join(out, "c.npz"))
+  assert tokens["mulan"].shape == (2, 12) and tokens["acoustic"].shape == (20, 12)
+  owned = []
+  for index in (0, 1):
+    host_dir = str(tmp_path / f"host{index}")
+    infer_lib.infer(generator, prompts, host_dir, process_index=index, process_count=2)
+    owned.append(infer_lib.finished_ids(host_dir))
+  assert owned[0] | owned[1] == {"a", "b", "c"} and not owned[0] & owned[1]
+
+
+def test_eval_generation_measures_generated_and_real_clips(generator, tiny_gm_corpus):
+  report = generation_eval.evaluate_generation(generator, tiny_gm_corpus, num_clips=8,
+                                               seconds=1.0)
+  assert report["num_clips"] == 2  # the tiny corpus' test split
+  for side in ("generated", "reference"):
+    measured = report[side]
+    assert -1.0 <= measured["cycle_consistency"] <= 1.0
+    for key in ("text_to_audio_recall@1", "genre_accuracy", "tempo_accuracy"):
+      assert 0.0 <= measured[key] <= 1.0, (side, key)
+    assert measured["num_tempo_labels"] == 2
+  assert np.isfinite(report["frechet_distance"]) and report["frechet_distance"] >= 0
+  assert "generated" in generation_eval.format_report(report)
+
+
+def test_data_parallel_generation_over_8_devices_equals_one_device(generator):
+  sharded = hierarchy.Generator(generator.bundle, partitioner=Partitioner((8, 1, 1)))
+  rows = [[("a calm piano waltz", 0.6)], [("fast techno drums", 0.6)], [("a slow hymn", 0.6)]]
+  one = generator.generate(rows, seeds=[4, 5, 6])
+  eight = sharded.generate(rows, seeds=[4, 5, 6])
+  np.testing.assert_array_equal(eight.acoustic, one.acoustic)

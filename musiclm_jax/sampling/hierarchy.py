@@ -29,9 +29,11 @@ import time
 from typing import Optional, Sequence
 
 import gin
+import jax
 import numpy as np
 
 from musiclm_jax import stages as stages_lib
+from musiclm_jax.partitioning import Partitioner
 from musiclm_jax.sampling import decoding
 from musiclm_jax.sampling.bundle import Bundle
 
@@ -88,11 +90,22 @@ class Generation:
 
 
 class Generator:
-  """Samples a bundle's hierarchy; see the module docstring."""
+  """Samples a bundle's hierarchy; see the module docstring.
 
-  def __init__(self, bundle: Bundle, config: Optional[HierarchyConfig] = None):
+  With a `partitioner`, every stage samples its batch data-parallel over the
+  partitioner's devices (rows are padded to a multiple of its data-parallel
+  size; rows are independent, so padding changes nothing).
+  """
+
+  def __init__(self, bundle: Bundle, config: Optional[HierarchyConfig] = None,
+               partitioner: Optional[Partitioner] = None):
     self.bundle = bundle
     self.config = config or HierarchyConfig()
+    self.partitioner = partitioner
+    # Parameters replicated over the partitioner's devices (loaded onto one device).
+    self._params = {name: stage.params if partitioner is None else
+                    jax.device_put(stage.params, partitioner.replicated())
+                    for name, stage in bundle.stages.items()}
     self.layout = bundle.layout
     self.ratio = bundle.tokenizers.acoustic_rate // bundle.tokenizers.semantic_rate
     self.samples_per_frame = bundle.tokenizers.samples_per_frame
@@ -192,6 +205,25 @@ class Generator:
       yield start, end
       have = end
 
+  def _sample(self, name: str, prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+              seeds: np.ndarray, unconditional: Optional[np.ndarray] = None,
+              prompt: Optional[np.ndarray] = None) -> np.ndarray:
+    """`decoding.sample` of stage `name`, data-parallel when there is a partitioner."""
+    model, params = self.bundle.stages[name].model, self._params[name]
+    args = [prefix, seeds, unconditional, prompt]
+    if self.partitioner is None:
+      return np.asarray(decoding.sample(model, params, prefix, lo, hi, seeds,
+                                        self.config.sampling(name), unconditional, prompt))
+    rows = len(prefix)
+    pad = -rows % self.partitioner.data_parallel_size
+    args = [None if a is None else np.concatenate([a, np.repeat(a[:1], pad, axis=0)])
+            for a in args]
+    prefix, seeds, unconditional, prompt = args
+    with self.partitioner.activate():
+      ids = decoding.sample(model, params, prefix, lo, hi, seeds, self.config.sampling(name),
+                            unconditional, prompt)
+    return np.asarray(ids)[:rows]
+
   # -- stages ---------------------------------------------------------------------
   def _semantic(self, mulan, frame_segment, semantic, total, seeds) -> np.ndarray:
     model = self.bundle.stages["semantic"]
@@ -202,10 +234,8 @@ class Generator:
       prefix, uncond = self._prefix(stage, self._mulan_ids(mulan, segment))
       lo, hi = stage.target_ranges(end - start)
       prompt = self.layout.semantic_tokens(semantic[:, start:have]).astype(np.int32)
-      ids = decoding.sample(model.model, model.params, prefix, lo, hi,
-                            self._seeds(seeds, 0, k), self.config.sampling("semantic"),
-                            uncond, prompt)
-      new = self.layout.semantic_codes(np.asarray(ids)[:, have - start:])
+      ids = self._sample("semantic", prefix, lo, hi, self._seeds(seeds, 0, k), uncond, prompt)
+      new = self.layout.semantic_codes(ids[:, have - start:])
       semantic = np.concatenate([semantic, new.astype(np.int32)], axis=1)
     return semantic
 
@@ -225,10 +255,8 @@ class Generator:
       lo, hi = stage.target_ranges((end - start) * self.ratio * levels)
       known = coarse[:, start * self.ratio:]
       prompt = self.layout.acoustic_tokens(known).reshape(len(known), -1).astype(np.int32)
-      ids = decoding.sample(model.model, model.params, prefix, lo, hi,
-                            self._seeds(seeds, 1, k), self.config.sampling("coarse"),
-                            uncond, prompt)
-      window = self.layout.acoustic_codes(np.asarray(ids).reshape(len(ids), -1, levels))
+      ids = self._sample("coarse", prefix, lo, hi, self._seeds(seeds, 1, k), uncond, prompt)
+      window = self.layout.acoustic_codes(ids.reshape(len(ids), -1, levels))
       coarse = np.concatenate([coarse, window[:, known.shape[1]:].astype(np.int32)], axis=1)
     return coarse
 
@@ -249,8 +277,7 @@ class Generator:
           for s in group]).astype(np.int32)  # [len(group) * B, length * coarse]
       lo, hi = stage.target_ranges(length * stage.fine_levels)
       row_seeds = np.concatenate([self._seeds(seeds, 2, s) for s in group])
-      ids = np.asarray(decoding.sample(model.model, model.params, prefix, lo, hi, row_seeds,
-                                       self.config.sampling("fine")))
+      ids = self._sample("fine", prefix, lo, hi, row_seeds)
       fine = self.layout.acoustic_codes(ids.reshape(len(ids), length, stage.fine_levels),
                                         stage.coarse_levels)
       for i, s in enumerate(group):

@@ -1,0 +1,145 @@
+"""`musiclm infer`: a resumable batch job from a prompt file to wavs and a manifest.
+
+    musiclm infer --bundle=bundles/tiny --prompts=prompts.jsonl --output_dir=out
+
+Each line of the prompt file is one item:
+
+    {"id": "waltz-1", "prompt": "a calm piano waltz", "seconds": 30, "seed": 0}
+    {"id": "story", "segments": [["calm piano", 10], ["drums join", 10]], "seed": 3}
+
+(`id` defaults to the line number, `seconds` to `infer.seconds`, `seed` to the
+line number). Items of equal length and segment count are generated
+together in batches of `batch_size`. Every process of a multi-host job takes
+the items whose index modulo the process count is its own.
+
+For each finished item the job writes `<id>.wav` and `<id>.npz` (its
+semantic, acoustic and MuLan codes) atomically, then appends one line to
+`manifest.jsonl` (prompt, seed, files, seconds, timings). A re-run skips the
+items already in the manifest, so an interrupted job resumes where it
+stopped and nothing written is lost. Unusable items (empty prompt, bad
+length, duplicate id) are skipped, counted and listed in `skipped.jsonl`
+instead of stopping the job.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from typing import Any, Optional
+
+import gin
+import jax
+import numpy as np
+
+from musiclm_jax import audio
+from musiclm_jax.sampling.hierarchy import Generator
+
+MANIFEST_FILE = "manifest.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
+
+
+def read_prompts(path: str, default_seconds: float) -> tuple[list[dict[str, Any]],
+                                                                 list[dict[str, Any]]]:
+  """Items `{id, segments, seed}` of a prompt file, and the lines skipped with why."""
+  items, skipped, seen = [], [], set()
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        item_id = str(row.get("id", number))
+        if item_id in seen:
+          raise ValueError(f"id {item_id!r} repeats")
+        if "segments" in row:
+          segments = [(str(p), float(s)) for p, s in row["segments"]]
+        else:
+          segments = [(str(row["prompt"]), float(row.get("seconds", default_seconds)))]
+        if not segments or any(not p.strip() for p, _ in segments):
+          raise ValueError("empty prompt")
+        if any(s <= 0 for _, s in segments):
+          raise ValueError("seconds must be positive")
+        if any(c in item_id for c in "/\\") or item_id.startswith("."):
+          raise ValueError(f"id {item_id!r} cannot be a file name")
+      except (ValueError, KeyError, TypeError) as e:
+        reason = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        skipped.append({"line": number + 1, "reason": reason})
+        continue
+      seen.add(item_id)
+      items.append({"id": item_id, "segments": segments, "seed": int(row.get("seed", number))})
+  return items, skipped
+
+
+def finished_ids(output_dir: str) -> set[str]:
+  path = os.path.join(output_dir, MANIFEST_FILE)
+  if not os.path.isfile(path):
+    return set()
+  with open(path, encoding="utf-8") as f:
+    return {json.loads(line)["id"] for line in f if line.strip()}
+
+
+def _write_item(output_dir: str, item: dict[str, Any], wav: np.ndarray,
+                tokens: dict[str, np.ndarray], timings: dict[str, float]) -> dict[str, Any]:
+  wav_path = os.path.join(output_dir, f"{item['id']}.wav")
+  audio.write_wav(wav_path, wav)
+  tokens_path = os.path.join(output_dir, f"{item['id']}.npz")
+  with open(tokens_path + ".tmp", "wb") as f:
+    np.savez(f, **tokens)
+  os.replace(tokens_path + ".tmp", tokens_path)
+  row = {"id": item["id"], "segments": item["segments"], "seed": item["seed"],
+         "seconds": len(wav) / audio.SAMPLE_RATE, "wav": os.path.basename(wav_path),
+         "tokens": os.path.basename(tokens_path),
+         "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+  with open(os.path.join(output_dir, MANIFEST_FILE), "a", encoding="utf-8") as f:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  return row
+
+
+@gin.configurable
+def infer(generator: Generator, prompts_path: str, output_dir: str, batch_size: int = 8,
+          seconds: float = 10.0, process_index: Optional[int] = None,
+          process_count: Optional[int] = None) -> dict[str, Any]:
+  """Generates every unfinished item of `prompts_path` this process owns.
+
+  Returns counts: `generated`, `already_done`, `skipped` (by reason), and the
+  audio seconds generated per wall second.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  os.makedirs(output_dir, exist_ok=True)
+  items, skipped = read_prompts(prompts_path, seconds)
+  mine = [item for i, item in enumerate(items) if i % process_count == process_index]
+  done = finished_ids(output_dir)
+  todo = [item for item in mine if item["id"] not in done]
+  if skipped and process_index == 0:
+    with open(os.path.join(output_dir, SKIPPED_FILE), "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(s) + "\n" for s in skipped)
+  groups = collections.defaultdict(list)
+  for item in todo:
+    key = (len(item["segments"]), round(sum(s for _, s in item["segments"]), 6))
+    groups[key].append(item)
+  print(f"infer: {len(items)} items ({len(skipped)} skipped lines); this process owns "
+        f"{len(mine)}, {len(mine) - len(todo)} already done, {len(todo)} to generate",
+        flush=True)
+  started, generated, audio_seconds = time.time(), 0, 0.0
+  for group in groups.values():
+    for i in range(0, len(group), batch_size):
+      batch = group[i:i + batch_size]
+      result = generator.generate([item["segments"] for item in batch],
+                                  [item["seed"] for item in batch])
+      for row, item in enumerate(batch):
+        tokens = {"semantic": result.semantic[row], "acoustic": result.acoustic[row],
+                  "mulan": result.mulan[row]}
+        _write_item(output_dir, item, result.audio[row], tokens, result.seconds)
+        audio_seconds += result.audio.shape[1] / audio.SAMPLE_RATE
+      generated += len(batch)
+      elapsed = time.time() - started
+      print(f"infer: {generated}/{len(todo)} items | {audio_seconds / elapsed:.2f} audio s per "
+            f"s | ETA {elapsed / generated * (len(todo) - generated):.0f}s", flush=True)
+  reasons = collections.Counter(s["reason"] for s in skipped)
+  return {"generated": generated, "already_done": len(mine) - len(todo),
+          "skipped": dict(reasons),
+          "audio_s_per_s": audio_seconds / max(time.time() - started, 1e-9)}
