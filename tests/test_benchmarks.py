@@ -29,3 +29,17 @@ def test_train_throughput_runs_without_tensorflow():
   expected_flops = 6 * matmul_params * 4 * 32 + 4 * 4 * 32**2 * 64 * 3 / 2 * 2
   achieved = row["tflops_per_device"] * 1e12 * 2 * row["step_ms"] / 1e3
   assert abs(achieved - expected_flops) / expected_flops < 0.05
+
+
+def test_sample_speed_runs_without_tensorflow():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(
+      [sys.executable, "-c", NO_TF, "benchmarks/sample_speed.py", "--sizes", "tiny",
+       "--stages", "fine", "--batches", "1", "--max_targets", "8", "--repeats", "1",
+       "--dtype", "float32"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  step = [r for r in rows if r.get("benchmark") == "sample_speed"]
+  assert len(step) == 1 and step[0]["stage"] == "fine" and step[0]["targets"] == 8
+  assert step[0]["ms_per_step"] > 0 and step[0]["prefix_length"] == 600
