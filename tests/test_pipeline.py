@@ -392,20 +392,18 @@ def test_bundle_round_trip_and_refusals(bundle_dir, cache, tokenizer_dirs, tmp_p
 
 
 def test_generation_is_seeded_legal_and_a_shorter_piece_starts_a_longer_one(generator):
-  rows = [[("a calm piano waltz", 2.2)], [("fast techno drums", 2.2)]]
-  long = generator.generate(rows, seeds=[1, 2])
-  frames = int(2.2 * 25)
+  rows = [[("a calm piano waltz", 1.6)], [("fast techno drums", 1.6)]]
+  long = generator.generate(rows, seeds=[1, 2])  # 3 semantic and 7 coarse windows
+  frames = int(1.6 * 25)
   assert long.audio.shape == (2, frames * 960) and np.all(np.isfinite(long.audio))
   assert long.semantic.shape == (2, frames) and long.acoustic.shape == (2, 2 * frames, 12)
   layout = generator.layout
   assert np.all((long.semantic >= 0) & (long.semantic < layout.semantic_codebook_size))
   assert np.all((long.acoustic >= 0) & (long.acoustic < layout.acoustic_codebook_size))
-  again = generator.generate(rows, seeds=[1, 2])
-  np.testing.assert_array_equal(again.acoustic, long.acoustic)
-  other = generator.generate(rows, seeds=[3, 2])
+  other = generator.generate(rows, seeds=[3, 2])  # row 1 keeps its seed: same output
   assert np.mean(other.semantic[0] != long.semantic[0]) > 0.3
-  np.testing.assert_array_equal(other.semantic[1], long.semantic[1])
-  # Windows slide causally: 0.8 s generated alone is the start of the 2.2 s piece.
+  np.testing.assert_array_equal(other.acoustic[1], long.acoustic[1])
+  # Windows slide causally: 0.8 s generated alone is the start of the 1.6 s piece.
   short = generator.generate([[("a calm piano waltz", 0.8)], [("fast techno drums", 0.8)]],
                              seeds=[1, 2])
   np.testing.assert_array_equal(short.semantic, long.semantic[:, :20])

@@ -22,10 +22,11 @@ SPLIT_SEEDS = {"train": 0, "validation": 1}
 
 
 class TokenIterator(Iterator[dict[str, np.ndarray]]):
-  """This process' share of each global batch, with a resumable position.
+  """This process' rows of each global batch, with a resumable position.
 
   `get_state()` returns how many batches were consumed; `set_state` seeks.
-  Batch `i` is a pure function of (seed, split, i, process index).
+  Row r of global batch i is a pure function of (seed, split, i, r), so the
+  global batch is the same however many processes share it.
   """
 
   def __init__(self, task: "SyntheticTokenTask", split: str, global_batch_size: int):
@@ -40,9 +41,10 @@ class TokenIterator(Iterator[dict[str, np.ndarray]]):
     self._index = 0
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(
-        [self._task.seed, self._split_seed, self._index, jax.process_index()])
-    examples = [self._task.example(rng) for _ in range(self._local_batch_size)]
+    first_row = jax.process_index() * self._local_batch_size
+    examples = [self._task.example(np.random.default_rng(
+        [self._task.seed, self._split_seed, self._index, row]))
+                for row in range(first_row, first_row + self._local_batch_size)]
     self._index += 1
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 

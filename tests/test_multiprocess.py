@@ -1,0 +1,35 @@
+"""Multi-host training, locally: 2 processes x 4 CPU devices with a local
+coordinator (launch/local_multiprocess.sh) train exactly like 1 process x 8."""
+import os
+import subprocess
+
+import numpy as np
+
+from musiclm_jax.training import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+
+
+def train(command, model_dir, devices, log_dir):
+  env = dict(os.environ, XLA_FLAGS="", LOG_DIR=str(log_dir))
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  result = subprocess.run(
+      [*command, "train", "--gin_file=gin/runs/synthetic_tiny.gin",
+       f"--gin_bindings=MODEL_DIR='{model_dir}'", f"--gin_bindings=train.num_steps={STEPS}",
+       "--gin_bindings=train.log_every_steps=1", "--gin_bindings=train.eval_every_steps=0",
+       "--gin_bindings=DecoderConfig.dtype='float32'",
+       "--gin_bindings=Partitioner.mesh_shape=(4, 2, 1)"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  return [r["train/loss"] for r in metrics.read_jsonl_metrics(str(model_dir))]
+
+
+def test_two_processes_of_four_devices_train_like_one_process_of_eight(tmp_path):
+  one = train(["python3", "-m", "musiclm_jax.main"], tmp_path / "one", 8, tmp_path)
+  two = train(["bash", "launch/local_multiprocess.sh", "2", "4"], tmp_path / "two", 0,
+              tmp_path)
+  assert len(one) == len(two) == STEPS
+  np.testing.assert_allclose(two, one, rtol=2e-5)
+  assert one[-1] < one[0]
