@@ -180,18 +180,16 @@ class Bundle:
     if manifest["layout"] != layout.to_dict():
       raise BundleError(f"{bundle_dir}: the manifest's token layout {manifest['layout']} is "
                         f"not the one its tokenizers produce {layout.to_dict()}")
-    loaded, models = {}, dict(manifest["models"])
-    for name in STAGES:
-      variables, stage_manifest = checkpoints.load_trained_variables(
-          os.path.join(bundle_dir, name))
-      models[name] = dict(models[name], token_layout=stage_manifest["token_layout"],
-                          task=stage_manifest.get("task"), model=stage_manifest["model"])
-      task = stage_manifest.get("task") or {}
-      stage = stages_lib.Stage(name=name, window_seconds=task.get("window_seconds", 1.0),
-                               layout=layout, coarse_levels=task.get("coarse_levels", 4),
+    read = {name: checkpoints.load_trained_variables(os.path.join(bundle_dir, name))
+            for name in STAGES}
+    _check_stages({name: m for name, (_, m) in read.items()}, layout, f"bundle {bundle_dir}")
+    loaded = {}
+    for name, (variables, stage_manifest) in read.items():
+      task = stage_manifest["task"]
+      stage = stages_lib.Stage(name=name, window_seconds=task["window_seconds"], layout=layout,
+                               coarse_levels=task["coarse_levels"],
                                semantic_rate=tokenizers.semantic_rate,
                                acoustic_rate=tokenizers.acoustic_rate)
       config = DecoderConfig(**stage_manifest["model_config"])
       loaded[name] = StageModel(stage, DecoderOnlyModel(config), variables["params"])
-    _check_stages(models, layout, f"bundle {bundle_dir}")
     return cls(bundle_dir, manifest, tokenizers, loaded)
