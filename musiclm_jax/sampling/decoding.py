@@ -92,9 +92,14 @@ def sample(model: DecoderOnlyModel, params: Any, prefix: jax.Array,
   Returns:
     int32 `[batch, T]` target ids (the prompt, then the sampled ones).
   """
-  args = _checked_inputs(model.config, prefix, target_lo, target_hi, seeds, config,
-                         unconditional_prefix, target_prompt)
-  return _jitted_sampler(model.config, config)(nn.unbox(params), *args)
+  *args, target_prompt = _checked_inputs(model.config, prefix, target_lo, target_hi, seeds,
+                                         config, unconditional_prefix, target_prompt)
+  # The prompt travels padded to T with its length as a value, so that windows
+  # with prompts of any length share one compiled loop.
+  given = target_prompt.shape[1]
+  padded = jnp.pad(target_prompt, ((0, 0), (0, len(target_lo) - given)))
+  return _jitted_sampler(model.config, config)(nn.unbox(params), *args, padded,
+                                               jnp.int32(given))
 
 
 def sample_full_forward(model: DecoderOnlyModel, params: Any, prefix: jax.Array,
@@ -181,18 +186,29 @@ def _jitted_sampler(model_config: DecoderConfig, config: SamplingConfig):
 def _generate(model: DecoderOnlyModel, config: SamplingConfig, params: Any,
               prefix: jax.Array, target_lo: jax.Array, target_hi: jax.Array,
               seeds: jax.Array, unconditional_prefix: jax.Array | None,
-              target_prompt: jax.Array) -> jax.Array:
-  """Prefill + `fori_loop` over the targets after the prompt; shapes as in `sample`."""
+              target_prompt: jax.Array, given: jax.Array) -> jax.Array:
+  """Prefill + loop over the targets after the prompt; shapes as in `sample`, but
+  `target_prompt` padded to `[batch, T]` and its length `given` a traced scalar.
+
+  The prefill feeds the whole padded prompt (positions past `given` hold
+  padding), reads the logits after the last given token and rewinds the
+  cache's write index to just after it: the causal mask hides the padding's
+  keys from every later query, and each decode step overwrites one of them.
+  """
   batch, prefix_len = prefix.shape
-  num_targets, given = target_lo.shape[0], target_prompt.shape[1]
+  num_targets = target_lo.shape[0]
   context = _context(prefix, unconditional_prefix)  # [rows, P]
   rows = context.shape[0]
   cache = _zero_cache(model, rows, 1 + prefix_len + num_targets)
   bos = jnp.zeros((rows, 1), jnp.int32)
-  prompt = jnp.tile(target_prompt, (rows // batch, 1))
-  in_prefix = jnp.arange(1 + prefix_len + given) < 1 + prefix_len
+  prompt = jnp.tile(target_prompt[:, :num_targets - 1], (rows // batch, 1))
+  fed = prefix_len + num_targets  # bos, context, prompt: all positions but the last
+  in_prefix = jnp.arange(fed) < 1 + prefix_len
   logits, cache = model.decode(params, cache, jnp.concatenate([bos, context, prompt], axis=1),
-                               jnp.broadcast_to(in_prefix, (rows, 1 + prefix_len + given)))
+                               jnp.broadcast_to(in_prefix, (rows, fed)))
+  cache["index"] = jnp.asarray(1 + prefix_len + given, cache["index"].dtype)
+  first_logits = jax.lax.dynamic_index_in_dim(logits, prefix_len + given, axis=1,
+                                              keepdims=False)
   row_keys = _row_keys(seeds)
 
   def step(t, carry):
@@ -206,8 +222,8 @@ def _generate(model: DecoderOnlyModel, config: SamplingConfig, params: Any,
 
   # The last step also appends target T-1 (its logits are unused): one
   # uniform step body, and the cache holds exactly 1 + P + T positions.
-  targets = jnp.zeros((batch, num_targets), jnp.int32).at[:, :given].set(target_prompt)
-  carry = (cache, logits[:, -1], targets)
+  targets = jnp.where(jnp.arange(num_targets) < given, target_prompt, 0)
+  carry = (cache, first_logits, targets)
   return jax.lax.fori_loop(given, num_targets, step, carry)[2]
 
 

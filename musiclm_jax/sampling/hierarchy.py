@@ -14,6 +14,13 @@ and that overlap is fed as the window's target prompt (fed causally, as in
 training), so the music continues rather than restarting. The fine stage
 works on consecutive windows, all windows of all rows in one batch.
 
+Windows sit on a fixed grid and are whole: a piece longer than a window is
+generated up to the end of its last window and cut to length at the end (each
+stage reaching far enough for the next), so all windows of a stage share one
+compiled sampler, and a shorter piece is exactly the start of a longer one
+with the same seed. A piece that fits in one window is one window of its
+own length.
+
 Story mode: a row is a list of (prompt, seconds) segments; a window is
 conditioned on the segment in which its first new frame lies, and the
 overlap carries the music across the change without a break.
@@ -137,17 +144,22 @@ class Generator:
     given = semantic.shape[1]
     total = given + frame_segment.shape[0]
     timings["mulan"] = time.time() - started
+    # How far each stage reaches: whole windows, each covering what the next needs.
+    fine_end = self._reach("fine", given, total)
+    coarse_end = self._reach("coarse", given, fine_end)
+    semantic_end = self._reach("semantic", given, coarse_end)
 
     started = time.time()
-    semantic = self._semantic(mulan, frame_segment, semantic, total, seeds)
+    semantic = self._semantic(mulan, frame_segment, semantic, semantic_end, seeds)
     timings["semantic"] = time.time() - started
     started = time.time()
-    coarse = self._coarse(mulan, frame_segment, semantic, acoustic, seeds)
+    coarse = self._coarse(mulan, frame_segment, semantic, acoustic, coarse_end, seeds)
     timings["coarse"] = time.time() - started
     started = time.time()
-    acoustic = self._fine(coarse, acoustic, given, seeds)
+    acoustic = self._fine(coarse, acoustic, given, fine_end, seeds)
     timings["fine"] = time.time() - started
     started = time.time()
+    semantic, acoustic = semantic[:, :total], acoustic[:, :total * self.ratio]
     tokenizers = self.bundle.tokenizers
     audio = np.asarray(tokenizers.codec.decode(tokenizers.codec_variables, acoustic))
     timings["decode"] = time.time() - started
@@ -195,15 +207,24 @@ class Generator:
       return prefix, stage.unconditional(prefix)
     return prefix, None
 
-  def _windows(self, stage: stages_lib.Stage, have: int, total: int):
-    """(start, end) semantic frames of each window that extends `have` to `total`."""
-    width = stage.semantic_frames
-    context = min(int(round(self.config.overlap * width)), width - 1)
+  def _windows(self, name: str, have: int, total: int):
+    """(start, end) semantic frames of the windows of stage `name` that extend `have`
+    frames to `total` or beyond: one window of exactly what is missing if it fits,
+    else whole windows, each starting `context` frames before the last one's end."""
+    width = self.bundle.stages[name].stage.semantic_frames
+    context = 0 if name == "fine" else min(int(round(self.config.overlap * width)), width - 1)
+    start = max(0, have - context) if have else 0
+    if have < total <= start + width:
+      yield start, total
+      return
     while have < total:
-      start = max(0, have - context) if have else 0
-      end = min(start + width, total)
-      yield start, end
-      have = end
+      yield start, start + width
+      have = start + width
+      start = have - context
+
+  def _reach(self, name: str, have: int, total: int) -> int:
+    """Semantic frames that the windows of `name` extending `have` to `total` end at."""
+    return max([have] + [end for _, end in self._windows(name, have, total)])
 
   def _sample(self, name: str, prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray,
               seeds: np.ndarray, unconditional: Optional[np.ndarray] = None,
@@ -226,9 +247,10 @@ class Generator:
 
   # -- stages ---------------------------------------------------------------------
   def _semantic(self, mulan, frame_segment, semantic, total, seeds) -> np.ndarray:
+    """Semantic tokens `[B, end]`, the windows' end at or after `total`."""
     model = self.bundle.stages["semantic"]
     stage, given = model.stage, semantic.shape[1]
-    for k, (start, end) in enumerate(self._windows(stage, given, total)):
+    for k, (start, end) in enumerate(self._windows("semantic", given, total)):
       have = semantic.shape[1]
       segment = frame_segment[min(max(have - given, 0), len(frame_segment) - 1)]
       prefix, uncond = self._prefix(stage, self._mulan_ids(mulan, segment))
@@ -239,14 +261,13 @@ class Generator:
       semantic = np.concatenate([semantic, new.astype(np.int32)], axis=1)
     return semantic
 
-  def _coarse(self, mulan, frame_segment, semantic, acoustic, seeds) -> np.ndarray:
-    """Coarse codes `[B, 2 * frames_s, coarse_levels]` for all of `semantic`."""
+  def _coarse(self, mulan, frame_segment, semantic, acoustic, total, seeds) -> np.ndarray:
+    """Coarse codes `[B, 2 * total, coarse_levels]` (`semantic` reaches at least `total`)."""
     model = self.bundle.stages["coarse"]
     stage, levels = model.stage, model.stage.coarse_levels
     coarse = acoustic[:, :, :levels]
     given = coarse.shape[1] // self.ratio
-    total = semantic.shape[1]
-    for k, (start, end) in enumerate(self._windows(stage, given, total)):
+    for k, (start, end) in enumerate(self._windows("coarse", given, total)):
       have = coarse.shape[1] // self.ratio
       segment = frame_segment[min(max(have - given, 0), len(frame_segment) - 1)]
       prefix = np.concatenate([self._mulan_ids(mulan, segment),
@@ -260,27 +281,23 @@ class Generator:
       coarse = np.concatenate([coarse, window[:, known.shape[1]:].astype(np.int32)], axis=1)
     return coarse
 
-  def _fine(self, coarse, acoustic, given, seeds) -> np.ndarray:
-    """All levels `[B, frames_a, levels]`: the prompt's, then fine windows over the rest."""
-    model = self.bundle.stages["fine"]
-    stage = model.stage
-    width = stage.semantic_frames * self.ratio
-    batch, frames = coarse.shape[:2]
-    starts = list(range(given * self.ratio, frames, width))
-    windows = {}  # windows of one length run as one batch
-    for s in starts:
-      windows.setdefault(min(width, frames - s), []).append(s)
-    pieces = {}
-    for length, group in windows.items():
-      prefix = np.concatenate([
-          self.layout.acoustic_tokens(coarse[:, s:s + length]).reshape(batch, -1)
-          for s in group]).astype(np.int32)  # [len(group) * B, length * coarse]
-      lo, hi = stage.target_ranges(length * stage.fine_levels)
-      row_seeds = np.concatenate([self._seeds(seeds, 2, s) for s in group])
-      ids = self._sample("fine", prefix, lo, hi, row_seeds)
-      fine = self.layout.acoustic_codes(ids.reshape(len(ids), length, stage.fine_levels),
-                                        stage.coarse_levels)
-      for i, s in enumerate(group):
-        pieces[s] = np.concatenate([coarse[:, s:s + length],
-                                    fine[i * batch:(i + 1) * batch]], axis=2)
-    return np.concatenate([acoustic] + [pieces[s].astype(np.int32) for s in starts], axis=1)
+  def _fine(self, coarse, acoustic, given, total, seeds) -> np.ndarray:
+    """All levels `[B, 2 * total, levels]`: the prompt's, then fine windows over the
+    rest, all windows (of one length) of all rows in one batch."""
+    stage = self.bundle.stages["fine"].stage
+    batch = coarse.shape[0]
+    windows = [(start * self.ratio, end * self.ratio)
+               for start, end in self._windows("fine", given, total)]
+    if not windows:
+      return acoustic
+    length = windows[0][1] - windows[0][0]
+    prefix = np.concatenate([self.layout.acoustic_tokens(coarse[:, s:e]).reshape(batch, -1)
+                             for s, e in windows]).astype(np.int32)  # [windows * B, ...]
+    lo, hi = stage.target_ranges(length * stage.fine_levels)
+    row_seeds = np.concatenate([self._seeds(seeds, 2, s) for s, _ in windows])
+    ids = self._sample("fine", prefix, lo, hi, row_seeds)
+    fine = self.layout.acoustic_codes(ids.reshape(len(ids), length, stage.fine_levels),
+                                      stage.coarse_levels)
+    pieces = [np.concatenate([coarse[:, s:e], fine[i * batch:(i + 1) * batch]], axis=2)
+              for i, (s, e) in enumerate(windows)]
+    return np.concatenate([acoustic] + [p.astype(np.int32) for p in pieces], axis=1)
