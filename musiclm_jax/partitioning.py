@@ -234,8 +234,11 @@ def initialize_distributed(coordinator_address: str | None = None,
     return
   if jax.distributed.is_initialized():
     return
+  # Explicit arguments turn off JAX's cluster detection, which on SLURM would
+  # also pin each process to the one GPU of its SLURM_LOCALID.
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             cluster_detection_method="deactivate" if explicit else None)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
