@@ -26,6 +26,7 @@ DATA = [
     "pretty_midi>=0.2.10,<0.3",
     "music21>=9.1,<11",
     "scikit-learn>=1.3",  # normalised mutual information in the semantic-token evaluation
+    "matplotlib>=3.8",  # the quickstart report's spectrograms and training curves
     # sentencepiece 0.2.3 is generated with protobuf 7, which apache-beam (the
     # SeqIO cache job) cannot use; 0.2.0 imports with either protobuf.
     "sentencepiece==0.2.0",

@@ -12,6 +12,7 @@
     musiclm export --output=BUNDLE --gin_bindings="BundleRuns.coarse='runs/coarse'" ...
     musiclm generate --bundle=BUNDLE --prompt="a calm piano waltz" --seconds=30 --output=a.wav
     musiclm infer --bundle=BUNDLE --prompts=prompts.jsonl --output_dir=out
+    musiclm quickstart --workdir=runs/quickstart [--size=tiny] [--until=PHASE]
 
 A trained model is read from the MODEL_DIR its `musiclm train` run wrote
 (`--checkpoint`). `--gin_file` and `--gin_bindings` repeat; `--gin_search_paths` adds
@@ -25,6 +26,8 @@ import json
 import os
 import sys
 
+if __name__ == "__main__":  # `python -m musiclm_jax.main`: modules that import this one
+  sys.modules.setdefault("musiclm_jax.main", sys.modules[__name__])  # get it, flags and all
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow's start-up logs
 from typing import Callable, Sequence
 
@@ -59,6 +62,10 @@ flags.DEFINE_string("bundle", None,
 flags.DEFINE_multi_string("prompt", [], "generate: a text prompt (repeatable: one clip each).")
 flags.DEFINE_string("prompts", None, "infer: a JSONL file of prompts (see sampling/infer.py).")
 flags.DEFINE_string("output_dir", None, "infer: where wavs, tokens and manifest.jsonl go.")
+flags.DEFINE_string("workdir", None, "quickstart: where everything it makes goes.")
+flags.DEFINE_string("size", "tiny", "quickstart: gin/quickstart/<size> (tiny: 2 CPU cores, "
+                    "small: a GPU), or a directory of phase gin files.")
+flags.DEFINE_string("until", None, "quickstart: stop after this phase (default: run all).")
 flags.DEFINE_multi_string("text", [], "mulan embed: a text prompt (repeatable).")
 flags.DEFINE_multi_string("audio", [], "mulan embed: an audio file (repeatable); "
                           "generate: audio to continue (one, or one per prompt).")
@@ -347,6 +354,23 @@ def _eval_generation(args: Sequence[str]) -> None:
   _write_report(report)
 
 
+def _quickstart(args: Sequence[str]) -> None:
+  from musiclm_jax import quickstart  # pylint: disable=g-import-not-at-top
+  usage = "musiclm quickstart --workdir=DIR [--size=tiny|small] [--until=PHASE]"
+  if args or FLAGS.gin_file:
+    raise UsageError(f"usage: {usage} (the experiment is gin/quickstart/<size>/; "
+                     f"--gin_bindings set QuickstartPlan); got {' '.join(args or FLAGS.gin_file)}")
+  workdir = _require_flag("workdir", usage)
+  try:
+    configs = quickstart.config_dir(FLAGS.size)
+    gin.clear_config()
+    parse_gin([os.path.join(configs, "quickstart.gin")], FLAGS.gin_bindings)
+    plan = quickstart.QuickstartPlan()  # pylint: disable=no-value-for-parameter
+    quickstart.Quickstart(workdir, FLAGS.size, plan).run(FLAGS.until)
+  except (quickstart.QuickstartError, quickstart.QuickstartStopped) as e:
+    raise CommandError(str(e)) from e
+
+
 EVALUATIONS: dict[str, Callable[[Sequence[str]], None]] = {
     "codec": _eval_codec, "mulan": _eval_mulan, "semantic": _eval_semantic,
     "generation": _eval_generation}
@@ -362,7 +386,7 @@ def _eval(args: Sequence[str]) -> None:
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "train": _train, "prepare": _prepare, "codec": _codec, "eval": _eval, "mulan": _mulan,
     "semantic": _semantic, "tokenize": _tokenize, "export": _export, "generate": _generate,
-    "infer": _infer}
+    "infer": _infer, "quickstart": _quickstart}
 # Modules whose gin configurables a subcommand needs, imported before gin is
 # parsed. Kept per subcommand, so that each imports only its own stack:
 # `train` runs on GPU images without TensorFlow or the audio libraries, and
@@ -381,6 +405,7 @@ GIN_MODULES = {
     "export": ("musiclm_jax.sampling.bundle",),
     "generate": ("musiclm_jax.sampling.hierarchy",),
     "infer": ("musiclm_jax.sampling.infer",),
+    "quickstart": ("musiclm_jax.quickstart",),
 }
 
 

@@ -2,10 +2,12 @@
 # Installs the system packages musiclm_jax needs (Debian/Ubuntu, as root or
 # with sudo): FluidSynth and two General MIDI SoundFonts, to render the
 # built-in corpora (FluidR3_GM, 141 MB, for corpora; TimGM6mb, 6 MB, for
-# tests), and opus-tools (opusenc/opusdec), the Opus baseline of `musiclm eval
-# codec`. Packages already present are left alone, so this is cheap to rerun.
+# tests), opus-tools (opusenc/opusdec), the Opus baseline of `musiclm eval
+# codec`, and Chromium, in which the tests load the quickstart's HTML report
+# headless to check that its audio and images play. Packages already present
+# are left alone, so this is cheap to rerun.
 set -euo pipefail
-PACKAGES=(fluidsynth fluid-soundfont-gm timgm6mb-soundfont opus-tools)
+PACKAGES=(fluidsynth fluid-soundfont-gm timgm6mb-soundfont opus-tools chromium)
 
 missing=()
 for package in "${PACKAGES[@]}"; do

@@ -494,12 +494,20 @@ def test_eval_generation_measures_generated_and_real_clips(generator, tiny_gm_co
   report = generation_eval.evaluate_generation(generator, tiny_gm_corpus, num_clips=8,
                                                seconds=1.0)
   assert report["num_clips"] == 2  # the tiny corpus' test split
+  prompts = generation_eval.read_prompts(tiny_gm_corpus, 8)
   for side in ("generated", "reference"):
     measured = report[side]
     assert -1.0 <= measured["cycle_consistency"] <= 1.0
     for key in ("text_to_audio_recall@1", "genre_accuracy", "tempo_accuracy"):
       assert 0.0 <= measured[key] <= 1.0, (side, key)
     assert measured["num_tempo_labels"] == 2
+    # The per-clip rows a report shows are the ones the means come from.
+    rows = measured["per_clip"]
+    assert len(rows) == 2
+    assert np.mean([r["cycle_consistency"] for r in rows]) == pytest.approx(
+        measured["cycle_consistency"], abs=1e-3)
+    assert measured["genre_accuracy"] == np.mean(
+        [r["genre"] == p["attributes"]["genre"] for r, p in zip(rows, prompts)])
   assert np.isfinite(report["frechet_distance"]) and report["frechet_distance"] >= 0
   assert "generated" in generation_eval.format_report(report)
 

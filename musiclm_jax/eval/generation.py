@@ -35,6 +35,8 @@ MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 
 PITCH_CLASSES = {"C": 0, "C-sharp": 1, "D-flat": 1, "D": 2, "D-sharp": 3, "E-flat": 3, "E": 4,
                  "F": 5, "F-sharp": 6, "G-flat": 6, "G": 7, "G-sharp": 8, "A-flat": 8, "A": 9,
                  "A-sharp": 10, "B-flat": 10, "B": 11}
+PITCH_NAMES = ("C", "D-flat", "D", "E-flat", "E", "F", "F-sharp", "G", "A-flat", "A", "B-flat",
+               "B")
 TEMPO_TOLERANCE = 0.08
 
 
@@ -84,63 +86,90 @@ def read_prompts(corpus_dir: str, num_clips: int) -> list[dict[str, Any]]:
   return rows[:num_clips]
 
 
-def measure(clips: np.ndarray, prompts: Sequence[dict[str, Any]], mulan) -> dict[str, Any]:
-  """The measures of the module docstring for clips `[N, samples]` (24 kHz) and their prompts."""
+def key_name(tonic: int, mode: str) -> str:
+  """'E-flat minor' for (3, 'minor'), in the spelling captions use."""
+  return f"{PITCH_NAMES[tonic]} {mode}"
+
+
+def measure(clips: np.ndarray, prompts: Sequence[dict[str, Any]], mulan,
+            genres: tuple[list[str], np.ndarray]) -> dict[str, Any]:
+  """The measures of the module docstring for clips `[N, samples]` (24 kHz) and their prompts.
+
+  `genres` is `retrieval.class_embeddings(...)` of the genre prompts. Besides
+  the means, `per_clip` holds what was measured in each clip (tempo, key,
+  nearest MuLan genre, cycle consistency) for reports.
+  """
   texts = [p["prompt"] for p in prompts]
   text_emb = mulan.text_embeddings(texts)
   audio_emb = mulan.audio_embeddings(clips, audio.SAMPLE_RATE)
   ranks = retrieval.paired_ranks(text_emb, audio_emb)
-  names, genre_emb = retrieval.class_embeddings(mulan.text_embeddings, retrieval.genre_prompts())
-  genres = [p["attributes"].get("genre", "") for p in prompts]
-  genre = retrieval.zero_shot_accuracy(audio_emb, names, genre_emb, genres)
-  tempo_hits, octave_hits, key_hits = [], [], []
-  for wav, p in zip(clips, prompts):
+  cycle = retrieval.mulan_cycle_consistency(text_emb, audio_emb)
+  genre_names, genre_emb = genres
+  labels = [p["attributes"].get("genre", "") for p in prompts]
+  genre = retrieval.zero_shot_accuracy(audio_emb, genre_names, genre_emb, labels)
+  nearest_genre = retrieval.nearest_classes(audio_emb, genre_emb)
+  tempo_hits, octave_hits, key_hits, per_clip = [], [], [], []
+  for i, (wav, p) in enumerate(zip(clips, prompts)):
     attributes = p["attributes"]
+    tempo = estimate_tempo(wav)
+    key = estimate_key(wav)
+    per_clip.append({"tempo_bpm": round(tempo, 1), "key": key_name(*key),
+                     "genre": genre_names[nearest_genre[i]],
+                     "cycle_consistency": round(float(cycle[i]), 4)})
     if attributes.get("tempo_bpm", 0) > 0:
-      estimated = estimate_tempo(wav)
-      tempo_hits.append(tempo_matches(estimated, attributes["tempo_bpm"]))
-      octave_hits.append(tempo_matches(estimated, attributes["tempo_bpm"], octave=True))
+      tempo_hits.append(tempo_matches(tempo, attributes["tempo_bpm"]))
+      octave_hits.append(tempo_matches(tempo, attributes["tempo_bpm"], octave=True))
     if attributes.get("mode") in ("major", "minor") and attributes.get("key") in PITCH_CLASSES:
-      key_hits.append(estimate_key(wav) == (PITCH_CLASSES[attributes["key"]],
-                                            attributes["mode"]))
+      key_hits.append(key == (PITCH_CLASSES[attributes["key"]], attributes["mode"]))
 
   def mean(values):
     return float(np.mean(values)) if values else float("nan")
-  return {"cycle_consistency": float(np.mean(retrieval.mulan_cycle_consistency(text_emb,
-                                                                               audio_emb))),
+  return {"cycle_consistency": float(np.mean(cycle)),
           "text_to_audio_recall@1": float(np.mean(ranks <= 1)),
           "genre_accuracy": genre["accuracy"], "tempo_accuracy": mean(tempo_hits),
           "tempo_accuracy_octave": mean(octave_hits), "key_accuracy": mean(key_hits),
           "num_tempo_labels": len(tempo_hits), "num_key_labels": len(key_hits),
-          "audio_embeddings": audio_emb}
+          "per_clip": per_clip, "audio_embeddings": audio_emb}
 
 
-def evaluate_generation(generator, corpus_dir: str, num_clips: int, seconds: float,
-                        seed: int = 0) -> dict[str, Any]:
-  """Generates one clip per held-out prompt and measures it beside the real clips."""
+def reference_clips(corpus_dir: str, prompts: Sequence[dict[str, Any]],
+                    num_samples: int) -> np.ndarray:
+  """The real test clips `[N, num_samples]` of the prompts (24 kHz)."""
   from musiclm_jax.tasks import corpora  # pylint: disable=g-import-not-at-top
-  prompts = read_prompts(corpus_dir, num_clips)
   real = {ex["clip_id"].decode(): ex["audio"]
           for ex in corpora.load(corpus_dir, "test").as_numpy_iterator()}
   missing = [p["clip_id"] for p in prompts if p["clip_id"] not in real]
   if missing:
     raise ValueError(f"test clips {missing[:3]} of test_prompts.jsonl are not in the corpus")
-  num_samples = int(round(seconds * audio.SAMPLE_RATE))
-  reference = np.stack([real[p["clip_id"]][:num_samples] for p in prompts])
+  return np.stack([real[p["clip_id"]][:num_samples] for p in prompts])
+
+
+def evaluate_clips(generated: np.ndarray, reference: np.ndarray,
+                   prompts: Sequence[dict[str, Any]], mulan) -> dict[str, Any]:
+  """Measures generated clips `[N, samples]` beside the real ones of their prompts."""
+  genres = retrieval.class_embeddings(mulan.text_embeddings, retrieval.genre_prompts())
+  measured = measure(generated, prompts, mulan, genres)
+  measured_reference = measure(reference, prompts, mulan, genres)
+  fd = frechet_distance(measured.pop("audio_embeddings"),
+                        measured_reference.pop("audio_embeddings"))
+  return {"num_clips": len(prompts), "seconds": generated.shape[1] / audio.SAMPLE_RATE,
+          "generated": measured, "reference": measured_reference, "frechet_distance": fd}
+
+
+def evaluate_generation(generator, corpus_dir: str, num_clips: int, seconds: float,
+                        seed: int = 0) -> dict[str, Any]:
+  """Generates one clip per held-out prompt and measures it beside the real clips."""
+  prompts = read_prompts(corpus_dir, num_clips)
+  reference = reference_clips(corpus_dir, prompts, int(round(seconds * audio.SAMPLE_RATE)))
   result = generator.generate([[(p["prompt"], seconds)] for p in prompts],
                               [seed + i for i in range(len(prompts))])
-  mulan = generator.bundle.tokenizers.mulan
-  generated = measure(result.audio, prompts, mulan)
-  measured_reference = measure(reference, prompts, mulan)
-  fd = frechet_distance(generated.pop("audio_embeddings"),
-                        measured_reference.pop("audio_embeddings"))
-  return {"num_clips": len(prompts), "seconds": seconds, "generated": generated,
-          "reference": measured_reference, "frechet_distance": fd,
-          "generation_seconds": result.seconds}
+  report = evaluate_clips(result.audio, reference, prompts, generator.bundle.tokenizers.mulan)
+  report["generation_seconds"] = result.seconds
+  return report
 
 
 def format_report(report: dict[str, Any]) -> str:
-  keys = [k for k in report["generated"] if not k.startswith("num_")]
+  keys = [k for k in report["generated"] if not k.startswith("num_") and k != "per_clip"]
   lines = [f"generation: {report['num_clips']} prompts x {report['seconds']} s; MuLan "
            f"Fréchet distance to the real clips {report['frechet_distance']:.4f}",
            f"{'measure':<26}{'generated':>12}{'real clips':>12}"]

@@ -129,6 +129,11 @@ def class_embeddings(embed_text: EmbedText, prompts: Mapping[str, Sequence[str]]
   return names, _normalize(np.stack(out))
 
 
+def nearest_classes(audio_emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
+  """int `[N]`: for each clip `[N, D]` the class `[classes, D]` of highest cosine."""
+  return np.argmax(_normalize(audio_emb) @ class_emb.T, axis=1)
+
+
 def zero_shot_accuracy(audio_emb: np.ndarray, class_names: Sequence[str],
                        class_emb: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
   """Accuracy of `argmax_c cos(audio, class c)` on the clips whose label is a class.
@@ -143,7 +148,7 @@ def zero_shot_accuracy(audio_emb: np.ndarray, class_names: Sequence[str],
     return {"accuracy": float("nan"), "num_clips": 0.0, "num_classes": float(len(class_names)),
             "chance": float("nan")}
   targets = np.array([index[label] for label in labels if label in index])
-  predictions = np.argmax(_normalize(np.asarray(audio_emb)[scored]) @ class_emb.T, axis=1)
+  predictions = nearest_classes(np.asarray(audio_emb)[scored], class_emb)
   return {"accuracy": float(np.mean(predictions == targets)), "num_clips": float(len(targets)),
           "num_classes": float(len(class_names)),
           "chance": float(np.max(np.bincount(targets)) / len(targets))}
