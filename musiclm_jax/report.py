@@ -84,6 +84,7 @@ th { background: #f3f3f3; }
 .miss { color: #a33; }
 #media-status[data-status=error] { color: #a33; font-weight: bold; }
 img { max-width: 49%; }
+img.curve { max-width: 100%; display: block; }
 """
 
 
@@ -105,19 +106,21 @@ def mel_image(wav: np.ndarray, path: str, title: str = "") -> None:
 
 
 def curve_image(rows: Sequence[dict[str, float]], title: str, path: str) -> list[str]:
-  """Plots the loss series of a run's metric rows; returns the keys plotted."""
+  """Plots a run's loss series, one panel each (their scales differ by orders of
+  magnitude); returns the keys plotted."""
   keys = sorted({k for row in rows for k in row if "loss" in k and k != "step"},
                 key=lambda k: (not k.endswith("/loss"), k))[:CURVE_KEYS]
-  fig, ax = plt.subplots(figsize=(5, 2.6), dpi=80)
-  for key in keys:
+  fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(2.6 * max(len(keys), 1), 2.4),
+                           dpi=80, squeeze=False)
+  for ax, key in zip(axes[0], keys):
     points = [(row["step"], row[key]) for row in rows if key in row and np.isfinite(row[key])]
     if points:
       steps, values = zip(*points)
-      ax.plot(steps, values, marker="." if len(points) < 20 else None, label=key)
-  ax.set_xlabel("step")
-  ax.set_title(title, fontsize=9)
-  if keys:
-    ax.legend(fontsize=7)
+      ax.plot(steps, values, marker="." if len(points) < 20 else None)
+    ax.set_title(key, fontsize=8)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+  fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
@@ -140,8 +143,9 @@ def _audio(src: str) -> str:
   return f'<audio controls preload="metadata" src="{html.escape(src)}"></audio>'
 
 
-def _img(src: str, alt: str) -> str:
-  return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">'
+def _img(src: str, alt: str, css_class: str = "") -> str:
+  attribute = f' class="{css_class}"' if css_class else ""
+  return f'<img{attribute} src="{html.escape(src)}" alt="{html.escape(alt)}">'
 
 
 class _Media:
@@ -238,7 +242,7 @@ def _curves_section(paths, media: _Media) -> str:
       continue
     image_path, image_src = media.path(f"curve_{model}.png")
     curve_image(metrics.read_jsonl_metrics(run), model, image_path)
-    parts.append(_img(image_src, f"training curves of {model}"))
+    parts.append(_img(image_src, f"training curves of {model}", "curve"))
   return "\n".join(parts)
 
 

@@ -1,5 +1,6 @@
 """Test set-up: 8 virtual CPU devices and a clean gin config per test."""
 import os
+import tempfile
 
 # Must be set before jax is imported anywhere.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -10,6 +11,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # slowly (a GAN's initialisation: 36 s instead of 12 s); the values differ,
 # the behaviour under test does not. Subprocesses inherit the setting.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
+# One persistent compilation cache for the whole run: both xdist workers and
+# every CLI subprocess a test starts load a program another one compiled (the
+# same tiny model's steps, samplers and tokenizers) instead of compiling it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "musiclm_jax_tests_xla_cache",
+    os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import gin  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -83,7 +83,7 @@ def test_report_loads_all_its_audio_and_images_in_headless_chromium(workdir, tmp
   page = os.path.join(workdir[0], "report", "index.html")
   with open(page, encoding="utf-8") as f:
     html = f.read()
-  num_media = html.count("<audio ") + html.count("<img ")
+  num_media = html.count("<audio ") + html.count("<img")
   # 2 prompts x (2 players + 2 spectrograms), 2 reconstructions x 2 x (player +
   # spectrogram), a training curve per model.
   assert num_media == 8 + 8 + 6

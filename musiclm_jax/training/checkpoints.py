@@ -118,11 +118,19 @@ def load_trained_variables(model_dir: str, step: int | None = None
   if not os.path.isdir(directory):
     raise MissingCheckpointError(f"no checkpoints in {model_dir!r} (expected "
                                  f"{directory}/<step>; train the model first)")
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
-                     DATA: ocp.JsonCheckpointHandler(),
-                     MANIFEST: ocp.JsonCheckpointHandler()})
+  # Orbax warns on every read-only manager that its directory is read only:
+  # what was asked for, printed once per model a bundle or tokenizer loads.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0),
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                       DATA: ocp.JsonCheckpointHandler(),
+                       MANIFEST: ocp.JsonCheckpointHandler()})
+  finally:
+    logging.set_verbosity(verbosity)
   try:
     steps = list(manager.all_steps())
     step = max(steps, default=None) if step is None else step
