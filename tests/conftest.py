@@ -1,5 +1,6 @@
 """Test set-up: 8 virtual CPU devices and a clean gin config per test."""
 import os
+import shutil
 import tempfile
 
 # Must be set before jax is imported anywhere.
@@ -11,12 +12,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # slowly (a GAN's initialisation: 36 s instead of 12 s); the values differ,
 # the behaviour under test does not. Subprocesses inherit the setting.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
-# One persistent compilation cache for the whole run: both xdist workers and
-# every CLI subprocess a test starts load a program another one compiled (the
-# same tiny model's steps, samplers and tokenizers) instead of compiling it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), "musiclm_jax_tests_xla_cache",
-    os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))))
+# One persistent compilation cache for the whole run: the xdist workers and
+# every CLI subprocess a test starts inherit it from the process that made it,
+# and load a program another one compiled (the same tiny model's steps,
+# samplers and tokenizers) instead of compiling it. Removed at the end.
+_OWNS_XLA_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWNS_XLA_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="musiclm_jax_tests_xla_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import gin  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -25,6 +27,11 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from musiclm_jax.layers.transformer import DecoderConfig  # pylint: disable=wrong-import-position
 from musiclm_jax.models import DecoderOnlyModel  # pylint: disable=wrong-import-position
+
+
+def pytest_sessionfinish(session):
+  if _OWNS_XLA_CACHE and not hasattr(session.config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
