@@ -11,6 +11,9 @@
     musiclm tokenize --gin_file=gin/tokenize/default.gin --gin_bindings="TOKENS_DIR='...'" ...
     musiclm export --output=BUNDLE --gin_bindings="BundleRuns.coarse='runs/coarse'" ...
     musiclm generate --bundle=BUNDLE --prompt="a calm piano waltz" --seconds=30 --output=a.wav
+    musiclm generate --bundle=BUNDLE --prompt="a jazz trio" --melody=hum.wav --output=a.wav
+    musiclm melody {prepare|fit_rvq} ...   (melody encoder: corpus, RVQ)
+    musiclm eval melody --checkpoint=MELODY_DIR --data_dir=DIR | --bundle=BUNDLE --data_dir=DIR
     musiclm infer --bundle=BUNDLE --prompts=prompts.jsonl --output_dir=out
     musiclm quickstart --workdir=runs/quickstart [--size=tiny] [--until=PHASE]
 
@@ -69,6 +72,13 @@ flags.DEFINE_string("until", None, "quickstart: stop after this phase (default: 
 flags.DEFINE_multi_string("text", [], "mulan embed: a text prompt (repeatable).")
 flags.DEFINE_multi_string("audio", [], "mulan embed: an audio file (repeatable); "
                           "generate: audio to continue (one, or one per prompt).")
+flags.DEFINE_string("melody", None, "generate: a recording of the melody to follow (any "
+                    "format, rate and length of at least one melody window).")
+flags.DEFINE_integer("num_melodies", 100, "melody prepare: melodies to compose; eval melody: "
+                     "melodies to retrieve among (at most) or to generate from.")
+flags.DEFINE_integer("renditions", 8, "melody prepare: renditions per melody.")
+flags.DEFINE_string("soundfont", "fluidr3", "melody prepare: SoundFont of the General MIDI "
+                    "voices ('' renders only the sine voice).")
 FLAGS = flags.FLAGS
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,7 +317,7 @@ def _export(args: Sequence[str]) -> None:
 def _generate(args: Sequence[str]) -> None:
   from musiclm_jax import audio  # pylint: disable=g-import-not-at-top
   usage = ("musiclm generate --bundle=DIR --prompt=\"...\" [--prompt=...] --seconds=30 "
-           "--output=out.wav [--seed=0] [--audio=continue_me.wav]")
+           "--output=out.wav [--seed=0] [--audio=continue_me.wav] [--melody=hum.wav]")
   if args or not FLAGS.prompt:
     raise UsageError(f"usage: {usage}; got {' '.join(args) or 'no --prompt'}")
   output = _require_flag("output", usage)
@@ -319,9 +329,18 @@ def _generate(args: Sequence[str]) -> None:
     loaded = [_run(audio.load, path)[0] for path in FLAGS.audio]
     length = min(len(w) for w in loaded)
     prompt_audio = [w[:length] for w in loaded] * (len(FLAGS.prompt) // len(loaded))
+  melody_audio, melody_rate = None, 16000
+  if FLAGS.melody:
+    tokenizer = generator.bundle.tokenizers.melody
+    if tokenizer is None:
+      raise CommandError(f"the bundle {FLAGS.bundle} has no melody model, so --melody cannot be "
+                         "followed; export one with BundleRuns.melody and melody-conditioned "
+                         "stages")
+    melody_rate = tokenizer.config.sample_rate
+    melody_audio = _run(audio.load, FLAGS.melody, sample_rate=melody_rate)[0]
   seeds = [FLAGS.seed + i for i in range(len(FLAGS.prompt))]
   result = _run(generator.generate, [[(p, FLAGS.seconds)] for p in FLAGS.prompt], seeds,
-                prompt_audio)
+                prompt_audio, melody_audio, melody_rate)
   stem, ext = os.path.splitext(output)
   for i, (prompt, seed) in enumerate(zip(FLAGS.prompt, seeds)):
     path = output if len(FLAGS.prompt) == 1 else f"{stem}_{i}{ext or '.wav'}"
@@ -354,6 +373,49 @@ def _eval_generation(args: Sequence[str]) -> None:
   _write_report(report)
 
 
+def _melody(args: Sequence[str]) -> None:
+  from musiclm_jax.tokenizers import melody_cli  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm melody prepare --data_dir=OUT --num_melodies=N --renditions=R --seconds=S "
+           "[--seed=0 --soundfont=fluidr3 --workers=W] | "
+           "musiclm melody fit_rvq --checkpoint=MODEL_DIR --data_dir=DIR [--num_clips=N]")
+  if args == ["prepare"]:
+    if not FLAGS["data_dir"].present:
+      raise UsageError(f"--data_dir is required; usage: {usage}")
+    report = _run(melody_cli.prepare, FLAGS.data_dir, FLAGS.num_melodies, FLAGS.renditions,
+                  FLAGS.seconds, FLAGS.seed, FLAGS.soundfont, FLAGS.workers)
+  elif args == ["fit_rvq"]:
+    if not FLAGS["data_dir"].present:
+      raise UsageError(f"--data_dir is required; usage: {usage}")
+    num_clips = FLAGS.num_clips if FLAGS["num_clips"].present else None
+    report = _run(melody_cli.fit_rvq, _require_flag("checkpoint", usage), FLAGS.data_dir,
+                  num_clips)
+  else:
+    raise UsageError(f"usage: {usage}; got {' '.join(args) or 'nothing'}")
+  print(json.dumps(report), flush=True)
+
+
+def _eval_melody(args: Sequence[str]) -> None:
+  from musiclm_jax.tokenizers import melody_cli  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm eval melody --checkpoint=MELODY_DIR --data_dir=DIR [--split=test "
+           "--num_melodies=100] | musiclm eval melody --bundle=BUNDLE --data_dir=DIR "
+           "--prompt=\"...\" [--seconds=10 --num_melodies=8 --seed=0] [--output=report.json]")
+  if args or not FLAGS["data_dir"].present or not (FLAGS.checkpoint or FLAGS.bundle):
+    got = " ".join(args) or "no --data_dir, or neither --checkpoint nor --bundle"
+    raise UsageError(f"usage: {usage}; got {got}")
+  report = {}
+  if FLAGS.checkpoint:
+    report["retrieval"] = _run(melody_cli.evaluate_retrieval, FLAGS.checkpoint, FLAGS.data_dir,
+                               FLAGS.split, FLAGS.num_melodies)
+  if FLAGS.bundle:
+    if len(FLAGS.prompt) != 1:
+      raise UsageError(f"give one --prompt; usage: {usage}")
+    report["generation"] = _run(melody_cli.evaluate_generation, _generator(usage),
+                                FLAGS.data_dir, FLAGS.prompt[0], FLAGS.seconds, FLAGS.split,
+                                FLAGS.num_melodies, FLAGS.seed)
+  print(json.dumps(report, indent=1), flush=True)
+  _write_report(report)
+
+
 def _quickstart(args: Sequence[str]) -> None:
   from musiclm_jax import quickstart  # pylint: disable=g-import-not-at-top
   usage = "musiclm quickstart --workdir=DIR [--size=tiny|small] [--until=PHASE]"
@@ -373,7 +435,7 @@ def _quickstart(args: Sequence[str]) -> None:
 
 EVALUATIONS: dict[str, Callable[[Sequence[str]], None]] = {
     "codec": _eval_codec, "mulan": _eval_mulan, "semantic": _eval_semantic,
-    "generation": _eval_generation}
+    "generation": _eval_generation, "melody": _eval_melody}
 
 
 def _eval(args: Sequence[str]) -> None:
@@ -386,16 +448,17 @@ def _eval(args: Sequence[str]) -> None:
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "train": _train, "prepare": _prepare, "codec": _codec, "eval": _eval, "mulan": _mulan,
     "semantic": _semantic, "tokenize": _tokenize, "export": _export, "generate": _generate,
-    "infer": _infer, "quickstart": _quickstart}
+    "infer": _infer, "quickstart": _quickstart, "melody": _melody}
 # Modules whose gin configurables a subcommand needs, imported before gin is
 # parsed. Kept per subcommand, so that each imports only its own stack:
 # `train` runs on GPU images without TensorFlow or the audio libraries, and
 # `prepare`'s worker processes, which re-import this module, start quickly.
+_TRAIN_MODULES = ("musiclm_jax.models", "musiclm_jax.partitioning",
+                  "musiclm_jax.layers.transformer", "musiclm_jax.training.checkpoints",
+                  "musiclm_jax.training.optimizers", "musiclm_jax.training.synthetic_task",
+                  "musiclm_jax.training.trainer")
 GIN_MODULES = {
-    "train": ("musiclm_jax.models", "musiclm_jax.partitioning",
-              "musiclm_jax.layers.transformer", "musiclm_jax.training.checkpoints",
-              "musiclm_jax.training.optimizers", "musiclm_jax.training.synthetic_task",
-              "musiclm_jax.training.trainer"),
+    "train": _TRAIN_MODULES,
     "prepare": ("musiclm_jax.corpora.registry",),
     "codec": (),
     "eval": ("musiclm_jax.sampling.hierarchy",),
@@ -406,6 +469,8 @@ GIN_MODULES = {
     "generate": ("musiclm_jax.sampling.hierarchy",),
     "infer": ("musiclm_jax.sampling.infer",),
     "quickstart": ("musiclm_jax.quickstart",),
+    # with train's, so that `fit_rvq --gin_file=gin/tokenizers/melody_tiny.gin` parses
+    "melody": ("musiclm_jax.tokenizers.melody",) + _TRAIN_MODULES,
 }
 
 

@@ -1,8 +1,8 @@
 """The three MusicLM stages: windows of a clip's tokens and their prefix-LM layout.
 
     stage      prefix (context)                 targets (predicted)
-    semantic   M  (MuLan levels)                S window
-    coarse     M + S window                     A[:, :coarse_levels] window, frame-major
+    semantic   M [+ T_mel]                      S window
+    coarse     M [+ T_mel] + S window           A[:, :coarse_levels] window, frame-major
     fine       A[:, :coarse_levels] window      A[:, coarse_levels:] window, frame-major
 
 A clip's tokens are `ClipTokens`: MuLan codes `[mulan_levels]`, semantic
@@ -12,6 +12,16 @@ semantic_rate`, so both cover the same time span. A window starts on a
 semantic frame (`1 / semantic_rate` s) and covers `window_seconds` of both
 streams, so S and A stay aligned in every window.
 
+Melody conditioning (`melody_conditioning`, semantic and coarse stages only):
+the clip also has melody codes `[melody_windows, melody_levels]`, one row per
+melody window (`window_seconds` of the melody encoder, every
+`melody_hop_seconds`). A stage window starting at time t takes a fixed number
+of them, `ceil(window_seconds / melody_hop_seconds)`, from the window in whose
+hop t lies (`floor(t / hop)`), so their starts span the stage window;
+indices past the clip's last melody window hold the last one. They follow
+M in the prefix, window-major and level-minor. Stages without the switch keep
+the layout above without T_mel.
+
 Everything here is numpy (no TensorFlow): the SeqIO stage tasks call it
 through `tf.numpy_function`, and the sampler uses the same layouts and
 legal ranges. Ids come from a `vocab.TokenLayout`, never from literals.
@@ -19,6 +29,7 @@ legal ranges. Ids come from a `vocab.TokenLayout`, never from literals.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import gin
@@ -51,11 +62,15 @@ class ClipTokens:
     mulan: int `[mulan_levels]`, `M_A` (or `M_T` when sampling).
     semantic: int `[frames_s]`.
     acoustic: int `[frames_a, acoustic_levels]`.
+    melody: int `[melody_windows, melody_levels]` `T_mel` codes, or None (a
+      window of a stage with melody conditioning holds its
+      `Stage.melody_windows` rows).
   """
 
   mulan: np.ndarray
   semantic: np.ndarray
   acoustic: np.ndarray
+  melody: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +86,9 @@ class Stage:
       predicts the rest).
     semantic_rate, acoustic_rate: frames per second of S and A; A's rate is a
       whole multiple of S's.
+    melody_conditioning: whether the prefix holds T_mel after M (semantic
+      and coarse stages; needs `layout.melody_levels > 0`).
+    melody_hop_seconds: seconds between the melody encoder's windows.
   """
 
   name: str
@@ -79,6 +97,8 @@ class Stage:
   coarse_levels: int = 4
   semantic_rate: int = 25
   acoustic_rate: int = 50
+  melody_conditioning: bool = False
+  melody_hop_seconds: float = 0.0
 
   def __post_init__(self):
     _check_stage_name(self.name)
@@ -92,6 +112,13 @@ class Stage:
     if not 1 <= self.coarse_levels < self.layout.acoustic_levels:
       raise ValueError(f"coarse_levels {self.coarse_levels} must be in "
                        f"1..{self.layout.acoustic_levels - 1}")
+    if self.melody_conditioning:
+      if self.name == "fine":
+        raise ValueError("the fine stage takes no melody conditioning")
+      if not self.layout.melody_levels or self.melody_hop_seconds <= 0:
+        raise ValueError(f"melody conditioning of the {self.name} stage needs melody tokens: "
+                         f"a layout with melody_levels > 0 (got {self.layout.melody_levels}) "
+                         f"and a positive melody hop (got {self.melody_hop_seconds} s)")
 
   # -- sizes -------------------------------------------------------------------
   @property
@@ -112,15 +139,60 @@ class Stage:
   def fine_levels(self) -> int:
     return self.layout.acoustic_levels - self.coarse_levels
 
+  @property
+  def melody_windows(self) -> int:
+    """Melody windows (rows of T_mel) in a window's prefix; 0 without melody conditioning."""
+    if not self.melody_conditioning:
+      return 0
+    return math.ceil(self.window_seconds / self.melody_hop_seconds - 1e-9)
+
+  @property
+  def conditioning_length(self) -> int:
+    """Prefix ids before the semantic ones: M, then T_mel (semantic and coarse stages)."""
+    return self.layout.mulan_levels + self.melody_windows * self.layout.melody_levels
+
   def lengths(self, semantic_frames: Optional[int] = None) -> tuple[int, int]:
     """(prefix length, target length) of a window of `semantic_frames` (default: full)."""
     n_s = self.semantic_frames if semantic_frames is None else semantic_frames
     n_a = n_s * self.frames_ratio
     if self.name == "semantic":
-      return self.layout.mulan_levels, n_s
+      return self.conditioning_length, n_s
     if self.name == "coarse":
-      return self.layout.mulan_levels + n_s, n_a * self.coarse_levels
+      return self.conditioning_length + n_s, n_a * self.coarse_levels
     return n_a * self.coarse_levels, n_a * self.fine_levels
+
+  def melody_window_indices(self, start: int, num_windows: int, loop: bool = False
+                            ) -> np.ndarray:
+    """Rows of a clip's T_mel for the window starting at semantic frame `start`.
+
+    Args:
+      start: the stage window's first semantic frame.
+      num_windows: melody windows the clip (or recording) has.
+      loop: past the last melody window, wrap around to the first (a melody
+        recording shorter than the piece repeats); else hold the last one.
+    Returns:
+      int `[melody_windows]`.
+    """
+    if num_windows < 1:
+      raise ValueError("the clip has no melody windows")
+    first = int(math.floor(start / self.semantic_rate / self.melody_hop_seconds + 1e-9))
+    indices = first + np.arange(self.melody_windows)
+    return indices % num_windows if loop else np.minimum(indices, num_windows - 1)
+
+  def conditioning_tokens(self, mulan: np.ndarray, melody: Optional[np.ndarray]) -> np.ndarray:
+    """Prefix ids of the conditioning, `[..., conditioning_length]`: M of
+    `mulan [..., mulan_levels]`, then (melody conditioning) T_mel of
+    `melody [..., melody_windows, melody_levels]`, window-major."""
+    ids = self.layout.mulan_tokens(mulan)
+    if not self.melody_conditioning:
+      return ids.astype(np.int32)
+    expected = (self.melody_windows, self.layout.melody_levels)
+    if melody is None or np.shape(melody)[-2:] != expected:
+      raise ValueError(f"the {self.name} stage takes melody codes [..., {expected[0]}, "
+                       f"{expected[1]}]; got {None if melody is None else np.shape(melody)}")
+    mel = self.layout.melody_tokens(melody)
+    mel = mel.reshape(*mel.shape[:-2], -1)
+    return np.concatenate([ids, mel], axis=-1).astype(np.int32)
 
   # -- layout --------------------------------------------------------------------
   def sequences(self, window: ClipTokens) -> tuple[np.ndarray, np.ndarray]:
@@ -128,11 +200,11 @@ class Stage:
     self.check_clip(window)
     layout = self.layout
     if self.name == "semantic":
-      return (layout.mulan_tokens(window.mulan).astype(np.int32),
+      return (self.conditioning_tokens(window.mulan, window.melody),
               layout.semantic_tokens(window.semantic).astype(np.int32))
     coarse = layout.acoustic_tokens(window.acoustic[:, :self.coarse_levels]).reshape(-1)
     if self.name == "coarse":
-      prefix = np.concatenate([layout.mulan_tokens(window.mulan),
+      prefix = np.concatenate([self.conditioning_tokens(window.mulan, window.melody),
                                layout.semantic_tokens(window.semantic)])
       return prefix.astype(np.int32), coarse.astype(np.int32)
     fine = layout.acoustic_tokens(window.acoustic[:, self.coarse_levels:],
@@ -145,18 +217,19 @@ class Stage:
     return self.name != "fine"
 
   def unconditional(self, prefix: np.ndarray) -> np.ndarray:
-    """`prefix [..., P]` with its MuLan tokens replaced by pad: the input of
-    conditioning dropout in training and of classifier-free guidance."""
+    """`prefix [..., P]` with its MuLan (and melody) tokens replaced by pad: the
+    input of conditioning dropout in training and of classifier-free guidance."""
     if not self.conditioned:
       raise ValueError("the fine stage has no MuLan conditioning to drop")
     prefix = np.array(prefix, copy=True)
-    prefix[..., :self.layout.mulan_levels] = vocab.PAD_ID
+    prefix[..., :self.conditioning_length] = vocab.PAD_ID
     return prefix
 
   def codes(self, prefix: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     """Inverse of `sequences`: the codes a (prefix, targets) pair holds.
 
-    Returns `mulan` and `semantic` (semantic and coarse stages) and
+    Returns `mulan` and `semantic` (semantic and coarse stages), `melody`
+    `[melody_windows, melody_levels]` (with melody conditioning) and
     `acoustic` `[frames_a, levels]` (coarse: the coarse levels; fine: all).
     Raises ValueError when an id is outside its legal range.
     """
@@ -174,12 +247,20 @@ class Stage:
     layout.check_tokens(prefix[:num_mulan], mulan_lo, mulan_lo + layout.mulan_codebook_size,
                         f"{self.name} prefix")
     out = {"mulan": layout.mulan_codes(prefix[:num_mulan])}
+    num_conditioning = self.conditioning_length
+    if self.melody_conditioning:
+      melody = prefix[num_mulan:num_conditioning].reshape(self.melody_windows,
+                                                          layout.melody_levels)
+      melody_lo = np.array([layout.melody_range(q)[0] for q in range(layout.melody_levels)])
+      layout.check_tokens(melody, melody_lo, melody_lo + layout.melody_codebook_size,
+                          f"{self.name} prefix (melody)")
+      out["melody"] = layout.melody_codes(melody)
     if self.name == "semantic":
       out["semantic"] = layout.semantic_codes(targets)
       return out
     lo, hi = layout.semantic_range()
-    layout.check_tokens(prefix[num_mulan:], lo, hi, "coarse prefix")
-    out["semantic"] = layout.semantic_codes(prefix[num_mulan:])
+    layout.check_tokens(prefix[num_conditioning:], lo, hi, "coarse prefix")
+    out["semantic"] = layout.semantic_codes(prefix[num_conditioning:])
     out["acoustic"] = layout.acoustic_codes(targets.reshape(-1, self.coarse_levels))
     return out
 
@@ -209,6 +290,11 @@ class Stage:
       raise ValueError(f"semantic codes {np.shape(clip.semantic)} and acoustic codes "
                        f"{np.shape(clip.acoustic)} do not cover the same span: expected "
                        f"[n >= 1] and [n * {self.frames_ratio}, {layout.acoustic_levels}]")
+    if self.melody_conditioning and (np.ndim(clip.melody) != 2 or len(clip.melody) < 1 or
+                                     np.shape(clip.melody)[1] != layout.melody_levels):
+      raise ValueError(f"the {self.name} stage is melody-conditioned: the clip needs melody "
+                       f"codes [windows >= 1, {layout.melody_levels}]; got "
+                       f"{None if clip.melody is None else np.shape(clip.melody)}")
 
   def window_starts(self, num_semantic_frames: int,
                     rng: Optional[np.random.Generator] = None) -> list[int]:
@@ -226,13 +312,17 @@ class Stage:
     return list(range(0, room + 1, self.semantic_frames))
 
   def window(self, clip: ClipTokens, start: int) -> ClipTokens:
-    """The window of `clip` starting at semantic frame `start` (shorter at the end)."""
+    """The window of `clip` starting at semantic frame `start` (shorter at the end),
+    with its `melody_windows` melody rows when melody-conditioned."""
     n_s = min(self.semantic_frames, len(clip.semantic) - start)
     if start < 0 or n_s < 1:
       raise ValueError(f"window start {start} is outside a clip of {len(clip.semantic)} frames")
     a0 = start * self.frames_ratio
+    melody = None
+    if self.melody_conditioning:
+      melody = clip.melody[self.melody_window_indices(start, len(clip.melody))]
     return ClipTokens(mulan=clip.mulan, semantic=clip.semantic[start:start + n_s],
-                      acoustic=clip.acoustic[a0:a0 + n_s * self.frames_ratio])
+                      acoustic=clip.acoustic[a0:a0 + n_s * self.frames_ratio], melody=melody)
 
   def examples(self, clip: ClipTokens, rng: Optional[np.random.Generator] = None,
                conditioning_dropout: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -254,10 +344,12 @@ class Stage:
 
 
 def make_stage(name: str, windows: StageWindows, layout: vocab.TokenLayout,
-               semantic_rate: int, acoustic_rate: int, coarse_levels: int = 4) -> Stage:
+               semantic_rate: int, acoustic_rate: int, coarse_levels: int = 4,
+               melody_conditioning: bool = False, melody_hop_seconds: float = 0.0) -> Stage:
   return Stage(name=name, window_seconds=windows.seconds(name), layout=layout,
                coarse_levels=coarse_levels, semantic_rate=semantic_rate,
-               acoustic_rate=acoustic_rate)
+               acoustic_rate=acoustic_rate, melody_conditioning=melody_conditioning,
+               melody_hop_seconds=melody_hop_seconds)
 
 
 def _check_stage_name(name: str) -> None:

@@ -6,9 +6,13 @@ Layout (ids are contiguous, in this order)::
   M0 + 1024*q + c        MuLan token, RVQ level q in [0, 12), code c
   S0 + c                 semantic (w2v-BERT k-means) token, cluster c
   A0 + 1024*q + c        acoustic (SoundStream) token, RVQ level q in [0, 12)
+  T0 + 512*q + c         melody token T_mel, RVQ level q in [0, melody_levels)
 
 and the vocabulary size is rounded up to a multiple of 128 (the ids above the
-last acoustic token are never legal targets). Nothing else in the package may
+last used token are never legal targets). Melody tokens (melody conditioning,
+`tokenizers/melody.py`) come last, so that no other offset moves; a layout
+without them (`melody_levels = 0`, the default) serialises exactly as before
+they existed. Nothing else in the package may
 hard-code an offset: use `LAYOUT` (or a `TokenLayout` read from a checkpoint
 manifest) and its helpers.
 
@@ -35,6 +39,15 @@ class TokenLayout:
   acoustic_levels: int = 12
   acoustic_codebook_size: int = 1024
   vocab_multiple: int = 128
+  melody_levels: int = 0
+  melody_codebook_size: int = 512
+
+  def __post_init__(self):
+    if self.melody_levels < 0:
+      raise ValueError(f"melody_levels must be >= 0; got {self.melody_levels}")
+    if not self.melody_levels:  # no melody tokens: their codebook size means nothing
+      object.__setattr__(self, "melody_codebook_size",
+                         TokenLayout.__dataclass_fields__["melody_codebook_size"].default)
 
   # -- offsets ---------------------------------------------------------------
   @property
@@ -50,9 +63,13 @@ class TokenLayout:
     return self.semantic_offset + self.semantic_codebook_size
 
   @property
+  def melody_offset(self) -> int:
+    return self.acoustic_offset + self.acoustic_levels * self.acoustic_codebook_size
+
+  @property
   def num_used_ids(self) -> int:
     """One past the largest legal id."""
-    return self.acoustic_offset + self.acoustic_levels * self.acoustic_codebook_size
+    return self.melody_offset + self.melody_levels * self.melody_codebook_size
 
   @property
   def vocab_size(self) -> int:
@@ -75,6 +92,12 @@ class TokenLayout:
     _check_level(level, self.acoustic_levels, "acoustic")
     lo = self.acoustic_offset + level * self.acoustic_codebook_size
     return lo, lo + self.acoustic_codebook_size
+
+  def melody_range(self, level: int) -> tuple[int, int]:
+    """[lo, hi) ids of melody RVQ level `level`."""
+    _check_level(level, self.melody_levels, "melody")
+    lo = self.melody_offset + level * self.melody_codebook_size
+    return lo, lo + self.melody_codebook_size
 
   def acoustic_position_ranges(self, num_positions: int, first_level: int,
                                num_levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,6 +125,13 @@ class TokenLayout:
 
   def mulan_codes(self, tokens: Any) -> Any:
     return _ids_to_levels(tokens, self.mulan_offset, self.mulan_codebook_size, 0)
+
+  def melody_tokens(self, codes: Any) -> Any:
+    """`[..., levels]` melody RVQ codes (e.g. `[windows, levels]`) -> token ids."""
+    return _levels_to_ids(codes, self.melody_offset, self.melody_codebook_size, 0)
+
+  def melody_codes(self, tokens: Any) -> Any:
+    return _ids_to_levels(tokens, self.melody_offset, self.melody_codebook_size, 0)
 
   def semantic_tokens(self, codes: Any) -> Any:
     """`[...]` k-means cluster ids -> token ids."""
@@ -135,21 +165,28 @@ class TokenLayout:
 
   # -- (de)serialisation, for checkpoints and bundles --------------------------
   def to_dict(self) -> dict[str, int]:
+    """Sizes and derived offsets; without the melody keys when `melody_levels` is
+    0, so that layouts written before melody tokens existed compare equal."""
     d = dataclasses.asdict(self)
     d.update(mulan_offset=self.mulan_offset, semantic_offset=self.semantic_offset,
              acoustic_offset=self.acoustic_offset, vocab_size=self.vocab_size)
+    if self.melody_levels:
+      d["melody_offset"] = self.melody_offset
+    else:
+      del d["melody_levels"], d["melody_codebook_size"]
     return d
 
   @classmethod
   def from_dict(cls, d: dict[str, int]) -> "TokenLayout":
+    """Inverse of `to_dict` (with or without the melody keys)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - fields - {"mulan_offset", "semantic_offset",
-                                 "acoustic_offset", "vocab_size"}
+                                 "acoustic_offset", "melody_offset", "vocab_size"}
     if unknown:
       raise ValueError(f"unknown token layout keys {sorted(unknown)}")
     layout = cls(**{k: v for k, v in d.items() if k in fields})
     derived = layout.to_dict()
-    mismatched = {k: (v, derived[k]) for k, v in d.items() if derived[k] != v}
+    mismatched = {k: (v, derived[k]) for k, v in d.items() if k in derived and derived[k] != v}
     if mismatched:
       raise ValueError(f"inconsistent token layout (stored, derived): {mismatched}")
     return layout

@@ -1,10 +1,12 @@
-"""The three tokenizers, untrained, on a tiny corpus, for pipeline tests.
+"""The three tokenizers (and the melody encoder), untrained, on a tiny corpus, for
+pipeline tests.
 
 Each is a `musiclm train` run of its tiny gin file with `num_steps = 0` (the
 initialised model saved as step 0, no train step compiled; the MuLan run
 still trains its text tokenizer) followed by its real fit (k-means, RVQ).
-Quality is beside the point: the files and their layouts are what the token
-pipeline consumes. Training steps of each model are tested in its own file.
+The melody encoder (optional) is trained the same way on a tiny sine-voice
+`melody_renditions` corpus and gets its RVQ. Quality is beside the point: the
+files and their layouts are what the token pipeline consumes. Training steps of each model are tested in its own file.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import sys
 import gin
 
 from musiclm_jax import main as cli
+from musiclm_jax.corpora import melody_pairs
 from musiclm_jax.tokenizers import frozen
+from musiclm_jax.tokenizers import melody
 from musiclm_jax.tokenizers import mulan_cli
 from musiclm_jax.tokenizers import semantic_cli
 from musiclm_jax.training import trainer
@@ -39,10 +43,39 @@ RUNS = {
 }
 SEMANTIC_CLUSTERS = 16
 MULAN_CODEBOOK_SIZE = 4
+# Melody windows of 1 s every 0.5 s: a 4 s clip has 7, a 1 s semantic window takes 2.
+MELODY_RUN = ("gin/tokenizers/melody_tiny.gin",
+              ["WINDOW_SECONDS = 1.0", "MelodyConfig.hop_seconds = 0.5", "train.num_steps = 0",
+               "train.batch_size = 6", "MelodyTask.melodies_per_batch = 3",
+               "warmup_cosine.warmup_steps = 1"])
+MELODY_LEVELS = 2
+MELODY_CODEBOOK_SIZE = 4
 
 
-def train_tiny_tokenizers(corpus_dir: str, root: str) -> frozen.TokenizerDirs:
-  """Trains and fits the three tokenizers under `root`; returns their directories."""
+def train_tiny_melody(root: str) -> str:
+  """The melody encoder, untrained, with its RVQ fitted on a sine-voice corpus."""
+  data_dir = os.path.join(root, "melody_corpus")
+  model_dir = os.path.join(root, "melody")
+  melody_pairs.build_melody_renditions(data_dir, num_melodies=6, renditions_per_melody=2,
+                                       seconds=2.0, seed=0, soundfont=None)
+  gin_file, bindings = MELODY_RUN
+  gin.clear_config()
+  cli.parse_gin([gin_file], [f"MODEL_DIR = '{model_dir}'", f"DATA_DIR = '{data_dir}'",
+                             *COMMON, *bindings])
+  trainer.train()  # pylint: disable=no-value-for-parameter
+  gin.clear_config()
+  gin.parse_config(f"fit_melody_rvq.num_levels = {MELODY_LEVELS}\n"
+                   f"fit_melody_rvq.codebook_size = {MELODY_CODEBOOK_SIZE}\n"
+                   "fit_melody_rvq.num_iters = 3")
+  melody.fit_rvq(model_dir, data_dir)
+  gin.clear_config()
+  return model_dir
+
+
+def train_tiny_tokenizers(corpus_dir: str, root: str, with_melody: bool = False
+                          ) -> frozen.TokenizerDirs:
+  """Trains and fits the three tokenizers (and the melody encoder) under `root`;
+  returns their directories."""
   dirs = {name: os.path.join(root, name) for name in RUNS}
   for module in cli.GIN_MODULES["train"] + ("musiclm_jax.tokenizers.mulan",
                                             "musiclm_jax.tasks.mulan_task",
@@ -63,17 +96,24 @@ def train_tiny_tokenizers(corpus_dir: str, root: str) -> frozen.TokenizerDirs:
                    "fit_mulan_rvq.num_iters = 3")
   mulan_cli.fit_rvq(dirs["mulan"], corpus_dir)
   gin.clear_config()
+  if with_melody:
+    dirs["melody"] = train_tiny_melody(root)
   return frozen.TokenizerDirs(**dirs)
 
 
-def train_in_subprocess(corpus_dir: str, root: str) -> frozen.TokenizerDirs:
+def train_in_subprocess(corpus_dir: str, root: str, with_melody: bool = False
+                        ) -> frozen.TokenizerDirs:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  result = subprocess.run([sys.executable, os.path.abspath(__file__), corpus_dir, root],
+  result = subprocess.run([sys.executable, os.path.abspath(__file__), corpus_dir, root,
+                           *(["melody"] if with_melody else [])],
                           env=env, capture_output=True, text=True, timeout=900,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-  return frozen.TokenizerDirs(**{name: os.path.join(root, name) for name in RUNS})
+  dirs = {name: os.path.join(root, name) for name in RUNS}
+  if with_melody:
+    dirs["melody"] = os.path.join(root, "melody")
+  return frozen.TokenizerDirs(**dirs)
 
 
 if __name__ == "__main__":
-  train_tiny_tokenizers(sys.argv[1], sys.argv[2])
+  train_tiny_tokenizers(sys.argv[1], sys.argv[2], with_melody=sys.argv[3:] == ["melody"])

@@ -1,4 +1,4 @@
-"""Inference bundles: the six trained models in one self-describing directory.
+"""Inference bundles: the six (or seven) trained models in one self-describing directory.
 
     musiclm export --gin_file=gin/export.gin --output=bundles/tiny ...   # writes
     bundle = Bundle.load("bundles/tiny")                                   # reads
@@ -12,6 +12,12 @@ tokenizer loaders read it unchanged; optimizer state is left out):
     w2v_bert/       checkpoints/<step>/, semantic_kmeans.npz, semantic_kmeans.json
     mulan/          checkpoints/<step>/, mulan_rvq.npz, mulan_rvq.json, text_tokenizer.model
     semantic/, coarse/, fine/   checkpoints/<step>/
+    melody/         (optional) checkpoints/<step>/, melody_rvq.npz, melody_rvq.json
+
+A bundle with the melody encoder (`BundleRuns.melody`) holds melody-
+conditioned semantic and coarse stages (trained on a cache with melody
+tokens, `StageTask.melody_conditioning`) and generates from a hummed or
+played melody (`Generator.generate(..., melody_audio=...)`).
 
 Export checks that the three stages were trained on tokens of the layout the
 tokenizers produce, and `Bundle.load` checks it again, so a bundle whose
@@ -27,7 +33,7 @@ import datetime
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 import gin
 
@@ -37,6 +43,7 @@ from musiclm_jax import vocab
 from musiclm_jax.layers.transformer import DecoderConfig
 from musiclm_jax.models import DecoderOnlyModel
 from musiclm_jax.tokenizers import frozen
+from musiclm_jax.tokenizers import melody
 from musiclm_jax.tokenizers import mulan_tokens
 from musiclm_jax.tokenizers import semantic
 from musiclm_jax.training import checkpoints
@@ -49,6 +56,7 @@ AUXILIARY_FILES = {
     "w2v_bert": (semantic.KMEANS_FILE, semantic.KMEANS_MANIFEST_FILE),
     "mulan": (mulan_tokens.RVQ_FILE, mulan_tokens.RVQ_MANIFEST_FILE,
               mulan_tokens.TEXT_TOKENIZER_FILE),
+    "melody": (melody.RVQ_FILE, melody.RVQ_MANIFEST_FILE),
 }
 
 
@@ -59,7 +67,8 @@ class BundleError(ValueError):
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class BundleRuns:
-  """MODEL_DIRs of the six training runs a bundle is exported from."""
+  """MODEL_DIRs of the six training runs a bundle is exported from, and of the
+  melody encoder (optional; for melody-conditioned stages)."""
 
   soundstream: str
   w2v_bert: str
@@ -67,6 +76,7 @@ class BundleRuns:
   semantic: str
   coarse: str
   fine: str
+  melody: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -107,6 +117,9 @@ def _check_stages(models: dict[str, dict[str, Any]], layout: vocab.TokenLayout,
     if entry["model"] != "DecoderOnlyModel" or task.get("stage") != name:
       raise BundleError(f"{where}: the {name} run holds a {entry['model']} trained on "
                         f"{task.get('stage')!r} examples, not the {name} stage")
+    if task.get("melody_conditioning") and not layout.melody_levels:
+      raise BundleError(f"{where}: the {name} stage is melody-conditioned but there is no "
+                        "melody encoder; export with BundleRuns.melody")
     if entry["token_layout"] != layout.to_dict():
       diff = {k: (v, layout.to_dict()[k]) for k, v in entry["token_layout"].items()
               if layout.to_dict().get(k) != v}
@@ -124,7 +137,7 @@ def export_bundle(runs: BundleRuns, output_dir: str) -> dict[str, Any]:
     shutil.rmtree(partial)
   os.makedirs(partial)
   models = {}
-  for name in TOKENIZERS + STAGES:
+  for name in TOKENIZERS + STAGES + (("melody",) if runs.melody else ()):
     print(f"export: {name} from {getattr(runs, name)}", flush=True)
     models[name] = _copy_model(getattr(runs, name), name, os.path.join(partial, name))
   tokenizers = frozen.FrozenTokenizers.load(_tokenizer_dirs(partial))
@@ -140,9 +153,11 @@ def export_bundle(runs: BundleRuns, output_dir: str) -> dict[str, Any]:
 
 
 def _tokenizer_dirs(bundle_dir: str) -> frozen.TokenizerDirs:
+  melody_dir = os.path.join(bundle_dir, "melody")
   return frozen.TokenizerDirs(soundstream=os.path.join(bundle_dir, "soundstream"),
                               semantic=os.path.join(bundle_dir, "w2v_bert"),
-                              mulan=os.path.join(bundle_dir, "mulan"))
+                              mulan=os.path.join(bundle_dir, "mulan"),
+                              melody=melody_dir if os.path.isdir(melody_dir) else None)
 
 
 def read_manifest(bundle_dir: str) -> dict[str, Any]:
@@ -160,7 +175,8 @@ def read_manifest(bundle_dir: str) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class Bundle:
-  """The loaded models of a bundle: frozen tokenizers and the three stages."""
+  """The loaded models of a bundle: frozen tokenizers (with the melody encoder,
+  `tokenizers.melody`, when exported with one) and the three stages."""
 
   directory: str
   manifest: dict[str, Any]
@@ -189,7 +205,14 @@ class Bundle:
       stage = stages_lib.Stage(name=name, window_seconds=task["window_seconds"], layout=layout,
                                coarse_levels=task["coarse_levels"],
                                semantic_rate=tokenizers.semantic_rate,
-                               acoustic_rate=tokenizers.acoustic_rate)
+                               acoustic_rate=tokenizers.acoustic_rate,
+                               melody_conditioning=task.get("melody_conditioning", False),
+                               melody_hop_seconds=task.get("melody_hop_seconds", 0.0))
+      if stage.melody_conditioning and (
+          tokenizers.melody.config.hop_seconds != stage.melody_hop_seconds):
+        raise BundleError(f"bundle {bundle_dir}: the {name} stage was trained on melody windows "
+                          f"every {stage.melody_hop_seconds} s, the bundle's melody encoder "
+                          f"makes them every {tokenizers.melody.config.hop_seconds} s")
       config = DecoderConfig(**stage_manifest["model_config"])
       loaded[name] = StageModel(stage, DecoderOnlyModel(config), variables["params"])
     return cls(bundle_dir, manifest, tokenizers, loaded)

@@ -28,6 +28,17 @@ overlap carries the music across the change without a break.
 Continuation: `prompt_audio` (24 kHz) is tokenized by the bundle's
 tokenizers and its S and A tokens are the start the windows continue from;
 its own audio is decoded from its tokens in the output.
+
+Melody: with a bundle holding the melody encoder and melody-conditioned
+stages, `melody_audio` (a hummed, whistled or played tune) is checked
+(`melody.check_melody_recording`: at least one melody window long, not
+silent, not noise only) and tokenized into T_mel, one row per melody window
+(`window_seconds` every `hop_seconds` of the encoder). A semantic or coarse
+window starting t seconds after the start of the new music takes the melody
+windows from `floor(t / hop)` on (`Stage.melody_window_indices`); a recording
+shorter than the piece loops: past its last window the melody starts again
+from its first. Without `melody_audio`, such a bundle pads T_mel (the
+unconditional melody of conditioning dropout).
 """
 from __future__ import annotations
 
@@ -39,10 +50,13 @@ import gin
 import jax
 import numpy as np
 
+from musiclm_jax import audio
 from musiclm_jax import stages as stages_lib
+from musiclm_jax import vocab
 from musiclm_jax.partitioning import Partitioner
 from musiclm_jax.sampling import decoding
 from musiclm_jax.sampling.bundle import Bundle
+from musiclm_jax.tokenizers import melody as melody_lib
 
 Segments = Sequence[tuple[str, float]]
 
@@ -87,6 +101,8 @@ class Generation:
     acoustic: int32 `[batch, 2 * frames_s, levels]` codes.
     mulan: int32 `[batch, segments, mulan_levels]` codes of each segment's prompt.
     seconds: wall time per phase.
+    melody: int32 `[batch, melody_windows, melody_levels]` T_mel of the melody
+      recording (looped to the longest row's windows), or None.
   """
 
   audio: np.ndarray
@@ -94,6 +110,7 @@ class Generation:
   acoustic: np.ndarray
   mulan: np.ndarray
   seconds: dict[str, float]
+  melody: Optional[np.ndarray] = None
 
 
 class Generator:
@@ -116,14 +133,20 @@ class Generator:
     self.layout = bundle.layout
     self.ratio = bundle.tokenizers.acoustic_rate // bundle.tokenizers.semantic_rate
     self.samples_per_frame = bundle.tokenizers.samples_per_frame
+    self.melody_conditioned = any(model.stage.melody_conditioning
+                                  for model in bundle.stages.values())
 
   def generate(self, rows: Sequence[Segments], seeds: Sequence[int],
-               prompt_audio: Optional[np.ndarray] = None) -> Generation:
+               prompt_audio: Optional[np.ndarray] = None,
+               melody_audio: Optional[np.ndarray] = None,
+               melody_sample_rate: int = 16000) -> Generation:
     """Audio for each row of (prompt, seconds) segments; one seed per row.
 
     All rows must have the same total length. `prompt_audio` (float32
     `[batch, samples]`, 24 kHz) is continued instead of starting from silence;
-    the segments then describe what follows it.
+    the segments then describe what follows it. `melody_audio` (float32
+    `[samples]` for every row, or `[batch, samples]`, at `melody_sample_rate`)
+    is the melody the new music follows (see the module docstring).
     """
     if len(rows) != len(seeds) or not rows:
       raise ValueError(f"{len(rows)} rows of prompts but {len(seeds)} seeds")
@@ -139,6 +162,7 @@ class Generator:
     timings = {}
     started = time.time()
     mulan, frame_segment = self._conditioning(rows)
+    melody = self._melody_codes(melody_audio, melody_sample_rate, len(rows))
     seeds = np.asarray(seeds, np.uint32)
     semantic, acoustic = self._prompt_tokens(prompt_audio, len(rows))
     given = semantic.shape[1]
@@ -150,10 +174,10 @@ class Generator:
     semantic_end = self._reach("semantic", given, coarse_end)
 
     started = time.time()
-    semantic = self._semantic(mulan, frame_segment, semantic, semantic_end, seeds)
+    semantic = self._semantic(mulan, melody, frame_segment, semantic, semantic_end, seeds)
     timings["semantic"] = time.time() - started
     started = time.time()
-    coarse = self._coarse(mulan, frame_segment, semantic, acoustic, coarse_end, seeds)
+    coarse = self._coarse(mulan, melody, frame_segment, semantic, acoustic, coarse_end, seeds)
     timings["coarse"] = time.time() - started
     started = time.time()
     acoustic = self._fine(coarse, acoustic, given, fine_end, seeds)
@@ -164,7 +188,7 @@ class Generator:
     audio = np.asarray(tokenizers.codec.decode(tokenizers.codec_variables, acoustic))
     timings["decode"] = time.time() - started
     return Generation(audio=audio, semantic=semantic, acoustic=acoustic, mulan=mulan,
-                      seconds=timings)
+                      seconds=timings, melody=melody)
 
   # -- conditioning and prompts ---------------------------------------------------
   def _conditioning(self, rows: Sequence[Segments]) -> tuple[np.ndarray, np.ndarray]:
@@ -193,6 +217,47 @@ class Generator:
     if bad:
       raise ValueError(f"the prompt audio cannot be continued: {bad[0]}")
     return np.stack(out.semantic), np.stack(out.acoustic)
+
+  def _melody_codes(self, melody_audio: Optional[np.ndarray], sample_rate: int, batch: int
+                    ) -> Optional[np.ndarray]:
+    """T_mel `[batch, windows, melody_levels]` of the melody recording(s), each row's
+    windows looped to the longest row's count; None without a recording."""
+    if melody_audio is None:
+      return None
+    tokenizer = self.bundle.tokenizers.melody
+    if tokenizer is None or not self.melody_conditioned:
+      raise ValueError(f"the bundle {self.bundle.directory} has no melody model, so it cannot "
+                       "follow a melody; export one with BundleRuns.melody and stages trained "
+                       "with StageTask.melody_conditioning")
+    wav = np.asarray(melody_audio, np.float32)
+    recordings = [wav] if wav.ndim == 1 else list(wav)
+    if wav.ndim > 2 or len(recordings) not in (1, batch):
+      raise ValueError(f"give one melody recording [samples] or one per row [{batch}, samples]; "
+                       f"got shape {wav.shape}")
+    rate = tokenizer.config.sample_rate
+    codes = []
+    for i, recording in enumerate(recordings):
+      recording = melody_lib.check_melody_recording(
+          tokenizer.config, audio.resample(recording, sample_rate, rate),
+          name="the melody recording" + (f" of row {i}" if len(recordings) > 1 else ""))
+      codes.append(tokenizer.tokens(recording[None], rate)[0])
+    windows = max(len(c) for c in codes)
+    codes = np.stack([c[np.arange(windows) % len(c)] for c in codes]).astype(np.int32)
+    return np.repeat(codes, batch // len(codes), axis=0)
+
+  def _conditioning_ids(self, stage: stages_lib.Stage, mulan: np.ndarray, segment: int,
+                        melody: Optional[np.ndarray], start: int) -> np.ndarray:
+    """The prefix's conditioning `[B, stage.conditioning_length]` of a window starting
+    `start` semantic frames after the new music's start: M, then T_mel (padded
+    when there is no melody recording)."""
+    ids = self._mulan_ids(mulan, segment)
+    if not stage.melody_conditioning:
+      return ids
+    if melody is None:
+      pad = np.full((len(ids), stage.conditioning_length - ids.shape[1]), vocab.PAD_ID, np.int32)
+      return np.concatenate([ids, pad], axis=1)
+    rows = stage.melody_window_indices(max(start, 0), melody.shape[1], loop=True)
+    return stage.conditioning_tokens(mulan[:, segment], melody[:, rows])
 
   def _seeds(self, seeds: np.ndarray, stage: int, window: int) -> np.ndarray:
     return (seeds * np.uint32(1_000_003) + np.uint32(7919 * (3 * window + stage))
@@ -246,14 +311,15 @@ class Generator:
     return np.asarray(ids)[:rows]
 
   # -- stages ---------------------------------------------------------------------
-  def _semantic(self, mulan, frame_segment, semantic, total, seeds) -> np.ndarray:
+  def _semantic(self, mulan, melody, frame_segment, semantic, total, seeds) -> np.ndarray:
     """Semantic tokens `[B, end]`, the windows' end at or after `total`."""
     model = self.bundle.stages["semantic"]
     stage, given = model.stage, semantic.shape[1]
     for k, (start, end) in enumerate(self._windows("semantic", given, total)):
       have = semantic.shape[1]
       segment = frame_segment[min(max(have - given, 0), len(frame_segment) - 1)]
-      prefix, uncond = self._prefix(stage, self._mulan_ids(mulan, segment))
+      prefix, uncond = self._prefix(
+          stage, self._conditioning_ids(stage, mulan, segment, melody, start - given))
       lo, hi = stage.target_ranges(end - start)
       prompt = self.layout.semantic_tokens(semantic[:, start:have]).astype(np.int32)
       ids = self._sample("semantic", prefix, lo, hi, self._seeds(seeds, 0, k), uncond, prompt)
@@ -261,7 +327,8 @@ class Generator:
       semantic = np.concatenate([semantic, new.astype(np.int32)], axis=1)
     return semantic
 
-  def _coarse(self, mulan, frame_segment, semantic, acoustic, total, seeds) -> np.ndarray:
+  def _coarse(self, mulan, melody, frame_segment, semantic, acoustic, total, seeds
+              ) -> np.ndarray:
     """Coarse codes `[B, 2 * total, coarse_levels]` (`semantic` reaches at least `total`)."""
     model = self.bundle.stages["coarse"]
     stage, levels = model.stage, model.stage.coarse_levels
@@ -270,7 +337,8 @@ class Generator:
     for k, (start, end) in enumerate(self._windows("coarse", given, total)):
       have = coarse.shape[1] // self.ratio
       segment = frame_segment[min(max(have - given, 0), len(frame_segment) - 1)]
-      prefix = np.concatenate([self._mulan_ids(mulan, segment),
+      prefix = np.concatenate([self._conditioning_ids(stage, mulan, segment, melody,
+                                                      start - given),
                                self.layout.semantic_tokens(semantic[:, start:end])], axis=1)
       prefix, uncond = self._prefix(stage, prefix.astype(np.int32))
       lo, hi = stage.target_ranges((end - start) * self.ratio * levels)

@@ -4,13 +4,17 @@
     StageTask.stage = 'coarse'
     StageTask.cache_dir = %TOKENS_DIR
     StageTask.corpora = {'gm_synth': 1.0, 'music21_gm': 0.5}   # mixture rates
+    StageTask.melody_conditioning = True   # semantic/coarse: prefix M + T_mel (optional)
 
 A stage task reads the token cache written by `musiclm tokenize` (SeqIO's
 TFRecords of `<corpus>_tokens`), drops the clips the cache job skipped, cuts
 windows (`stages.Stage`: a random window per clip for `train`, consecutive
 fixed windows for other splits; lengths from gin `StageWindows`) and emits
 `inputs` (the prefix) and `targets` in the token space of the tokenizers
-that made the cache. SeqIO's `PrefixLMFeatureConverter` turns them into the
+that made the cache. With `melody_conditioning` (a cache tokenized with a melody encoder,
+`TokenizerDirs.melody`) the semantic and coarse prefixes hold each window's
+melody tokens of the clip itself after M (`stages.Stage`). SeqIO's
+`PrefixLMFeatureConverter` turns them into the
 decoder features the models train on. With several corpora the stage reads
 a SeqIO mixture sampled at the given rates.
 
@@ -37,15 +41,23 @@ from musiclm_jax.tasks import token_tasks
 SHUFFLE_BUFFER = 1024
 
 
-def stage_task_name(corpus: str, stage: str) -> str:
-  return f"{corpus}_{stage}"
+def stage_task_name(corpus: str, stage: str, melody_conditioning: bool = False) -> str:
+  """`<corpus>_<stage>`, with `_melody` for a melody-conditioned stage (its own task)."""
+  return f"{corpus}_{stage}" + ("_melody" if melody_conditioning else "")
 
 
 def stage_from_manifest(manifest: Mapping[str, Any], name: str,
-                        windows: stages.StageWindows) -> stages.Stage:
-  """The `Stage` of a token cache (its layout and frame rates)."""
+                        windows: stages.StageWindows, melody_conditioning: bool = False
+                        ) -> stages.Stage:
+  """The `Stage` of a token cache (its layout, frame rates and melody windows)."""
+  if melody_conditioning and "melody_config" not in manifest:
+    raise ValueError(f"melody conditioning needs a token cache with melody tokens; the cache of "
+                     f"{manifest.get('corpus')!r} has none: tokenize it with "
+                     "TokenizerDirs.melody set")
+  hop = manifest["melody_config"]["hop_seconds"] if melody_conditioning else 0.0
   return stages.make_stage(name, windows, vocab.TokenLayout.from_dict(manifest["layout"]),
-                           manifest["semantic_rate"], manifest["acoustic_rate"])
+                           manifest["semantic_rate"], manifest["acoustic_rate"],
+                           melody_conditioning=melody_conditioning, melody_hop_seconds=hop)
 
 
 def _tokenized_only(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -55,8 +67,9 @@ def _tokenized_only(ds: tf.data.Dataset) -> tf.data.Dataset:
 class CutWindows:
   """Preprocessor: each clip -> its windows' prefix and target ids, one example each.
 
-  `conditioning_dropout` (training split only) drops the MuLan prefix of that
-  fraction of windows, for classifier-free guidance.
+  `conditioning_dropout` (training split only) drops the MuLan (and melody)
+  prefix of that fraction of windows, for classifier-free guidance. A
+  melody-conditioned stage also reads the clip's `melody` codes.
   """
 
   def __init__(self, stage: stages.Stage, conditioning_dropout: float = 0.0):
@@ -66,24 +79,26 @@ class CutWindows:
   def __call__(self, ds: tf.data.Dataset) -> tf.data.Dataset:
     stage, dropout = self.stage, self.conditioning_dropout
 
-    def windows(mulan, semantic, acoustic, split, seed):
+    def windows(mulan, semantic, acoustic, split, seed, melody=None):
       train = split == b"train"
       rng = np.random.default_rng(seed.astype(np.int64).view(np.uint64)) if train else None
-      clip = stages.ClipTokens(mulan=mulan, semantic=semantic, acoustic=acoustic)
+      clip = stages.ClipTokens(mulan=mulan, semantic=semantic, acoustic=acoustic, melody=melody)
       return stage.examples(clip, rng, dropout)
 
     @seqio.map_over_dataset(num_seeds=1)
     def cut(ex, seed):
-      prefix, targets = tf.numpy_function(
-          windows, [ex["mulan"], ex["semantic"], ex["acoustic"], ex["split"], seed],
-          [tf.int32, tf.int32], stateful=False)
+      codes = [ex["mulan"], ex["semantic"], ex["acoustic"], ex["split"], seed]
+      if stage.melody_conditioning:
+        codes.append(ex["melody"])
+      prefix, targets = tf.numpy_function(windows, codes, [tf.int32, tf.int32], stateful=False)
       return {"inputs": tf.ensure_shape(prefix, [None, None]),
               "targets": tf.ensure_shape(targets, [None, None])}
     return cut(ds).unbatch()
 
 
 def register_stage_task(cache_dir: str, corpus: str, stage_name: str,
-                        windows: stages.StageWindows, conditioning_dropout: float = 0.0
+                        windows: stages.StageWindows, conditioning_dropout: float = 0.0,
+                        melody_conditioning: bool = False
                         ) -> tuple[seqio.Task, stages.Stage]:
   """(Re-)registers `<corpus>_<stage>` on the completed token cache of `corpus`."""
   task_dir = token_tasks.task_cache_dir(cache_dir, corpus)
@@ -91,21 +106,22 @@ def register_stage_task(cache_dir: str, corpus: str, stage_name: str,
     raise FileNotFoundError(f"no completed token cache of {corpus!r} in {cache_dir} "
                             f"({task_dir}); run `musiclm tokenize` first")
   manifest = token_tasks.read_manifest(task_dir)
-  stage = stage_from_manifest(manifest, stage_name, windows)
-  levels = stage.layout.acoustic_levels
+  stage = stage_from_manifest(manifest, stage_name, windows, melody_conditioning)
+  codes = ("semantic", "acoustic", "mulan") + ("melody",) * stage.melody_conditioning
   source = seqio.TFExampleDataSource(
       {split: token_tasks.cached_file_pattern(task_dir, split)
        for split in token_tasks.cached_splits(task_dir)},
-      feature_description=token_tasks.feature_description(levels))
+      feature_description=token_tasks.feature_description(
+          stage.layout.acoustic_levels, stage.layout.melody_levels * stage.melody_conditioning))
   feature = seqio.Feature(seqio.PassThroughVocabulary(stage.layout.vocab_size), add_eos=False,
                           dtype=tf.int32)
 
   def cast_codes(ds):
     def cast(ex):
-      return dict(ex, **{k: tf.cast(ex[k], tf.int32) for k in ("semantic", "acoustic", "mulan")})
+      return dict(ex, **{k: tf.cast(ex[k], tf.int32) for k in codes})
     return ds.map(cast, num_parallel_calls=tf.data.AUTOTUNE)
 
-  name = stage_task_name(corpus, stage_name)
+  name = stage_task_name(corpus, stage_name, stage.melody_conditioning)
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   task = seqio.TaskRegistry.add(
@@ -116,8 +132,8 @@ def register_stage_task(cache_dir: str, corpus: str, stage_name: str,
 
 
 def register_stage(cache_dir: str, corpora: Mapping[str, float], stage_name: str,
-                   windows: stages.StageWindows, conditioning_dropout: float = 0.0
-                   ) -> tuple[str, stages.Stage]:
+                   windows: stages.StageWindows, conditioning_dropout: float = 0.0,
+                   melody_conditioning: bool = False) -> tuple[str, stages.Stage]:
   """Registers the stage task of every corpus, and their mixture when there are several.
 
   Returns the name to read (task or mixture) and the stage. All corpora must
@@ -125,19 +141,21 @@ def register_stage(cache_dir: str, corpora: Mapping[str, float], stage_name: str
   """
   if not corpora:
     raise ValueError("no corpora given for the stage task")
-  registered = {c: register_stage_task(cache_dir, c, stage_name, windows, conditioning_dropout)
+  registered = {c: register_stage_task(cache_dir, c, stage_name, windows, conditioning_dropout,
+                                       melody_conditioning)
                 for c in corpora}
   stage = next(iter(registered.values()))[1]
   for corpus, (_, other) in registered.items():
     if other != stage:
       raise ValueError(f"the token cache of {corpus!r} was made by other tokenizers: its "
                        f"layout or rates differ from {next(iter(registered))!r}'s")
+  melody = stage.melody_conditioning
   if len(corpora) == 1:
-    return stage_task_name(next(iter(corpora)), stage_name), stage
-  name = "__".join(sorted(corpora)) + f"_{stage_name}"
+    return stage_task_name(next(iter(corpora)), stage_name, melody), stage
+  name = stage_task_name("__".join(sorted(corpora)), stage_name, melody)
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(name, [(stage_task_name(c, stage_name), float(rate))
+  seqio.MixtureRegistry.add(name, [(stage_task_name(c, stage_name, melody), float(rate))
                                    for c, rate in sorted(corpora.items())])
   return name, stage
 
@@ -151,20 +169,24 @@ class StageTask:
     cache_dir: the `musiclm tokenize` cache directory (`TOKENS_DIR`).
     corpora: corpus name -> mixing rate (one corpus: rate ignored).
     windows: window seconds per stage.
-    conditioning_dropout: fraction of training windows whose MuLan prefix is
-      replaced by pad (classifier-free guidance); 0 turns it off.
+    conditioning_dropout: fraction of training windows whose MuLan (and melody)
+      prefix is replaced by pad (classifier-free guidance); 0 turns it off.
     seed: shuffling, windows and mixture sampling.
+    melody_conditioning: the semantic and coarse prefixes also hold the
+      clip's melody tokens (the cache must have them); the fine stage ignores it.
   """
 
   def __init__(self, stage: str = gin.REQUIRED, cache_dir: str = gin.REQUIRED,
                corpora: Mapping[str, float] = gin.REQUIRED,
                windows: Optional[stages.StageWindows] = None,
-               conditioning_dropout: float = 0.0, seed: int = 0):
+               conditioning_dropout: float = 0.0, seed: int = 0,
+               melody_conditioning: bool = False):
     if not 0.0 <= conditioning_dropout < 1.0:
       raise ValueError(f"conditioning_dropout must be in [0, 1); got {conditioning_dropout}")
     self.name, self.stage = register_stage(cache_dir, dict(corpora), stage,
                                            windows or stages.StageWindows(),
-                                           conditioning_dropout)
+                                           conditioning_dropout,
+                                           melody_conditioning and stage != "fine")
     self.seed = seed
 
   @property
@@ -175,9 +197,13 @@ class StageTask:
   def describe(self) -> dict[str, Any]:
     """What the examples are, for the checkpoint manifest (and bundles)."""
     stage = self.stage
-    return {"stage": stage.name, "window_seconds": stage.window_seconds,
-            "coarse_levels": stage.coarse_levels, "semantic_rate": stage.semantic_rate,
-            "acoustic_rate": stage.acoustic_rate, "read": self.name}
+    described = {"stage": stage.name, "window_seconds": stage.window_seconds,
+                 "coarse_levels": stage.coarse_levels, "semantic_rate": stage.semantic_rate,
+                 "acoustic_rate": stage.acoustic_rate, "read": self.name}
+    if stage.melody_conditioning:
+      described.update(melody_conditioning=True, melody_hop_seconds=stage.melody_hop_seconds,
+                       melody_windows=stage.melody_windows)
+    return described
 
   @property
   def feature_lengths(self) -> dict[str, int]:

@@ -11,6 +11,8 @@ cached record is one clip:
     semantic     int32 [frames_s]            w2v-BERT k-means codes, 25 Hz
     acoustic     int32 [frames_a, levels]    SoundStream codes, 50 Hz, frames_a = 2 frames_s
     mulan        int32 [mulan_levels]        M_A, MuLan RVQ codes of the clip
+    melody       int32 [windows, levels]     T_mel, melody RVQ codes per melody window
+                                             (only when `TokenizerDirs.melody` is set)
     caption, clip_id, source_id, split       text
     duration_s   float32                     seconds of real audio in the corpus
     skip_reason  text, "" for a tokenized clip; else why not ("silent", "too_short", ...)
@@ -156,6 +158,8 @@ class TokenizeClips:
     spec = self.spec
     ds = ds.padded_batch(spec.batch_size)
 
+    with_melody = spec.tokenizers.melody is not None
+
     def tokenize(wav, num_samples):
       started = time.time()
       tokenizers = load_tokenizers(spec.tokenizers, spec.min_seconds)
@@ -176,15 +180,24 @@ class TokenizeClips:
         if k:
           mulan[i] = out.mulan[i]
       reasons = np.array([r.encode() for r in out.skip_reasons], dtype=object)
-      return semantic, acoustic, mulan, frames, reasons
+      if not with_melody:
+        return semantic, acoustic, mulan, frames, reasons
+      windows = np.array([len(t) for t in out.melody], np.int32)
+      melody = np.zeros([len(wav), max(int(windows.max(initial=0)), 1),
+                         tokenizers.layout.melody_levels], np.int32)
+      for i, k in enumerate(windows):
+        melody[i, :k] = out.melody[i]
+      return semantic, acoustic, mulan, frames, reasons, melody, windows
 
     def tokenize_batch(batch):
-      semantic, acoustic, mulan, frames, reasons = tf.numpy_function(
-          tokenize, [batch["audio"], batch["num_samples"]],
-          [tf.int32, tf.int32, tf.int32, tf.int32, tf.string], stateful=False)
+      types = [tf.int32, tf.int32, tf.int32, tf.int32, tf.string]
+      results = tf.numpy_function(tokenize, [batch["audio"], batch["num_samples"]],
+                                  types + [tf.int32, tf.int32] * with_melody, stateful=False)
       out = {k: batch[k] for k in ("duration_s", "caption", "clip_id", "source_id", "split")}
-      out.update(semantic=semantic, acoustic=acoustic, mulan=mulan, frames=frames,
-                 skip_reason=reasons)
+      out.update(semantic=results[0], acoustic=results[1], mulan=results[2], frames=results[3],
+                 skip_reason=results[4])
+      if with_melody:
+        out.update(melody=results[5], melody_windows=results[6])
       return out
 
     def trim(ex):
@@ -194,6 +207,8 @@ class TokenizeClips:
       ex["acoustic"] = tf.ensure_shape(ex["acoustic"][:2 * frames], [None, None])
       kept = tf.shape(ex["mulan"])[0] * tf.cast(tf.logical_not(skipped), tf.int32)
       ex["mulan"] = tf.ensure_shape(ex["mulan"][:kept], [None])
+      if with_melody:
+        ex["melody"] = tf.ensure_shape(ex["melody"][:ex.pop("melody_windows")], [None, None])
       return ex
     return ds.map(tokenize_batch).unbatch().map(trim)
 
@@ -203,9 +218,12 @@ def output_features(layout) -> dict[str, seqio.Feature]:
   def feature(size, rank):
     return seqio.Feature(seqio.PassThroughVocabulary(size), add_eos=False, dtype=tf.int32,
                          rank=rank, required=False)
-  return {"semantic": feature(layout.semantic_codebook_size, 1),
-          "acoustic": feature(layout.acoustic_codebook_size, 2),
-          "mulan": feature(layout.mulan_codebook_size, 1)}
+  features = {"semantic": feature(layout.semantic_codebook_size, 1),
+              "acoustic": feature(layout.acoustic_codebook_size, 2),
+              "mulan": feature(layout.mulan_codebook_size, 1)}
+  if layout.melody_levels:
+    features["melody"] = feature(layout.melody_codebook_size, 2)
+  return features
 
 
 def register_token_task(spec: TokenTaskSpec, layout_dict: Mapping[str, int]) -> seqio.Task:
@@ -313,14 +331,18 @@ def _add_task_to_pipeline(pipeline, beam, beam_utils, spec: TokenTaskSpec,
 
 # -- reading the cache ------------------------------------------------------------
 
-def feature_description(acoustic_levels: int) -> dict[str, Any]:
-  """How to parse a cached record (tf.Example stores ints as int64)."""
+def feature_description(acoustic_levels: int, melody_levels: int = 0) -> dict[str, Any]:
+  """How to parse a cached record (tf.Example stores ints as int64); `melody`
+  `[windows, melody_levels]` when `melody_levels` > 0."""
   desc = {name: tf.io.FixedLenFeature([], tf.string) for name in TEXT_FEATURES}
   desc.update(
       semantic=tf.io.FixedLenSequenceFeature([], tf.int64, allow_missing=True),
       acoustic=tf.io.FixedLenSequenceFeature([acoustic_levels], tf.int64, allow_missing=True),
       mulan=tf.io.FixedLenSequenceFeature([], tf.int64, allow_missing=True),
       duration_s=tf.io.FixedLenFeature([], tf.float32))
+  if melody_levels:
+    desc["melody"] = tf.io.FixedLenSequenceFeature([melody_levels], tf.int64,
+                                                   allow_missing=True)
   return desc
 
 
@@ -336,14 +358,16 @@ def cached_splits(task_dir: str) -> list[str]:
   return sorted(os.path.basename(n)[len("info."):-len(".json")] for n in names)
 
 
-def read_cached(task_dir: str, split: str, acoustic_levels: int) -> tf.data.Dataset:
-  """Every cached record of a split (skipped clips included), int codes as int32."""
+def read_cached(task_dir: str, split: str, acoustic_levels: int,
+                melody_levels: int = 0) -> tf.data.Dataset:
+  """Every cached record of a split (skipped clips included), int codes as int32
+  (`melody` too when `melody_levels` > 0)."""
   ds = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(cached_file_pattern(task_dir, split))))
-  description = feature_description(acoustic_levels)
+  description = feature_description(acoustic_levels, melody_levels)
 
   def parse(record):
     ex = tf.io.parse_single_example(record, description)
-    for name in ("semantic", "acoustic", "mulan"):
+    for name in ("semantic", "acoustic", "mulan", "melody")[:3 + bool(melody_levels)]:
       ex[name] = tf.cast(ex[name], tf.int32)
     return ex
   return ds.map(parse)

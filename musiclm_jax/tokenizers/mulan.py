@@ -176,7 +176,7 @@ def _masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
       jnp.sum(weights, axis=1), 1.0)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
@@ -326,11 +326,11 @@ class Mulan(nn.Module):
   def embed_audio(self, wav: jax.Array, lengths: jax.Array) -> jax.Array:
     """One window per row: `wav [batch, samples]`, `lengths [batch]` -> `[batch, embed_dim]`."""
     mel, valid = log_mel_features(self.config, wav, lengths)
-    return _l2_normalize(self.audio_projection(self.audio_encoder(mel, valid)))
+    return l2_normalize(self.audio_projection(self.audio_encoder(mel, valid)))
 
   def embed_text(self, tokens: jax.Array) -> jax.Array:
     """`tokens` int `[batch, length]` -> L2-normalised `[batch, embed_dim]`."""
-    return _l2_normalize(self.text_projection(self.text_encoder(tokens)))
+    return l2_normalize(self.text_projection(self.text_encoder(tokens)))
 
   def clipped_logit_scale(self) -> jax.Array:
     """`1 / T` with T in `[min_temperature, 1]`."""
@@ -422,7 +422,7 @@ def embed_clips(module: Mulan, variables: Any, wav: jax.Array, lengths: jax.Arra
   emb = module.apply(variables, windows.reshape(batch * n, window),
                      window_lengths.reshape(batch * n), method=Mulan.embed_audio)
   emb = emb.reshape(batch, n, -1)
-  return _l2_normalize(jnp.sum(emb * weights[..., None], axis=1))
+  return l2_normalize(jnp.sum(emb * weights[..., None], axis=1))
 
 
 # ---------------------------------------------------------------- trainer protocol

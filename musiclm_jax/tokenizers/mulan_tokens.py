@@ -13,9 +13,7 @@ stage token space (`vocab.LAYOUT.mulan_tokens` does that).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
 from typing import Any, Sequence
 
@@ -26,87 +24,39 @@ import numpy as np
 
 from musiclm_jax import audio as audio_lib
 from musiclm_jax.layers import quantizers
+from musiclm_jax.tokenizers import embedding_rvq
 from musiclm_jax.tokenizers import text as text_lib
 from musiclm_jax.tokenizers.mulan import MulanConfig, MulanModel
 
-RVQ_FILE = "mulan_rvq.npz"
-RVQ_MANIFEST_FILE = "mulan_rvq.json"
-RVQ_FORMAT = "musiclm_jax.mulan_rvq/1"
+RVQ_FILES = embedding_rvq.RvqFiles(name="mulan_rvq", what="MuLan",
+                                   fit_hint="`musiclm mulan fit_rvq`", gin_name="fit_mulan_rvq")
+RVQ_FILE = RVQ_FILES.npz_file
+RVQ_MANIFEST_FILE = RVQ_FILES.manifest_file
 TEXT_TOKENIZER_FILE = "text_tokenizer.model"
-
-
-def reconstruction_errors(codebooks: np.ndarray, x: np.ndarray) -> np.ndarray:
-  """Relative squared error of decoding the first q levels, for q = 1..Q.
-
-  Returns:
-    float `[Q]`: `sum |x - decode(codes[:, :q])|^2 / sum |x|^2`.
-  """
-  codebooks, x = jnp.asarray(codebooks, jnp.float32), jnp.asarray(x, jnp.float32)
-  codes = quantizers.rvq_encode(codebooks, x)
-  total = jnp.sum(x * x)
-  errors = [jnp.sum(jnp.square(x - quantizers.rvq_decode(codebooks, codes[:, :q]))) / total
-            for q in range(1, codebooks.shape[0] + 1)]
-  return np.asarray(jnp.stack(errors))
 
 
 @gin.configurable(denylist=["embeddings"])
 def fit_mulan_rvq(embeddings: np.ndarray, num_levels: int = 12, codebook_size: int = 1024,
                   num_iters: int = 20, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-  """Fits the RVQ on clip embeddings `[N, D]` (k-means on successive residuals).
-
-  Returns:
-    float32 codebooks `[num_levels, codebook_size, D]` and a report with the
-    sizes and `relative_error` per level (falls as levels are added).
-  """
-  embeddings = np.asarray(embeddings, np.float32)
-  if embeddings.ndim != 2:
-    raise ValueError(f"embeddings must be [N, D]; got shape {embeddings.shape}")
-  if len(embeddings) < codebook_size:
-    raise ValueError(f"{len(embeddings)} embeddings cannot fit {codebook_size} clusters; "
-                     "embed more clips or lower fit_mulan_rvq.codebook_size")
-  fit = jax.jit(quantizers.fit_rvq, static_argnums=(2, 3, 4))
-  codebooks = np.asarray(fit(jax.random.PRNGKey(seed), embeddings, num_levels, codebook_size,
-                             num_iters))
-  report = {"format": RVQ_FORMAT, "num_levels": num_levels, "codebook_size": codebook_size,
-            "embed_dim": int(embeddings.shape[1]), "num_embeddings": int(len(embeddings)),
-            "num_iters": num_iters, "seed": seed,
-            "relative_error": [float(e) for e in reconstruction_errors(codebooks, embeddings)]}
-  return codebooks, report
+  """Fits the RVQ on clip embeddings `[N, D]` (`embedding_rvq.fit`): float32
+  codebooks `[num_levels, codebook_size, D]` and a report with `relative_error`
+  per level."""
+  return embedding_rvq.fit(RVQ_FILES, embeddings, num_levels, codebook_size, num_iters, seed)
 
 
 def save_rvq(model_dir: str, codebooks: np.ndarray, report: dict[str, Any]) -> str:
   """Writes `mulan_rvq.npz` and its manifest atomically; returns the npz path."""
-  os.makedirs(model_dir, exist_ok=True)
-  path = os.path.join(model_dir, RVQ_FILE)
-  with open(path + ".tmp", "wb") as f:
-    np.savez(f, codebooks=np.asarray(codebooks, np.float32))
-  manifest = os.path.join(model_dir, RVQ_MANIFEST_FILE)
-  with open(manifest + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  os.replace(path + ".tmp", path)
-  os.replace(manifest + ".tmp", manifest)
-  return path
+  return embedding_rvq.save(RVQ_FILES, model_dir, codebooks, report)
 
 
 def load_rvq(model_dir: str) -> np.ndarray:
   """The codebooks `[Q, K, D]` saved by `save_rvq`."""
-  path = os.path.join(model_dir, RVQ_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no MuLan RVQ at {path}; fit it with `musiclm mulan fit_rvq`")
-  with np.load(path) as data:
-    return data["codebooks"]
+  return embedding_rvq.load(RVQ_FILES, model_dir)
 
 
 def config_from_manifest(manifest: dict[str, Any]) -> MulanConfig:
   """The `MulanConfig` a checkpoint manifest recorded."""
-  if manifest.get("model") != MulanModel.__name__:
-    raise ValueError(f"the checkpoint holds a {manifest.get('model')!r}, not a MulanModel")
-  stored = manifest["model_config"]
-  known = {f.name for f in dataclasses.fields(MulanConfig)}
-  unknown = sorted(set(stored) - known)
-  if unknown:
-    raise ValueError(f"the checkpoint's MulanConfig has fields this code lacks: {unknown}")
-  return MulanConfig(**stored)
+  return embedding_rvq.config_from_manifest(manifest, MulanModel.__name__, MulanConfig)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,0 +1,432 @@
+"""Melody conditioning (issue 10): melody tokens in the token space, melody-conditioned
+stages, `generate --melody` end to end with tiny untrained models, the refusals of
+unusable recordings, and the melody evaluation measures."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+import soundfile
+
+from musiclm_jax import audio
+from musiclm_jax import main as cli
+from musiclm_jax import stages
+from musiclm_jax import vocab
+from musiclm_jax.eval import melody as melody_eval
+from musiclm_jax.sampling import bundle
+from musiclm_jax.sampling import hierarchy
+from musiclm_jax.tasks import corpora
+from musiclm_jax.tasks import stage_tasks
+from musiclm_jax.tasks import token_tasks
+from musiclm_jax.tokenizers import frozen
+from musiclm_jax.tokenizers import melody as melody_lib
+from musiclm_jax.training import trainer
+import tiny_tokenizers
+
+LAYOUT = vocab.TokenLayout(mulan_levels=12, mulan_codebook_size=4, semantic_codebook_size=16,
+                           acoustic_levels=12, acoustic_codebook_size=64)
+MELODY_LAYOUT = vocab.TokenLayout(mulan_levels=12, mulan_codebook_size=4,
+                                  semantic_codebook_size=16, acoustic_levels=12,
+                                  acoustic_codebook_size=64, melody_levels=4,
+                                  melody_codebook_size=8)
+
+
+# ---------------------------------------------------------------- token layout
+
+
+def test_token_layout_round_trip_with_and_without_melody():
+  plain = LAYOUT.to_dict()
+  assert not any(k.startswith("melody") for k in plain)  # old manifests compare equal
+  assert vocab.TokenLayout.from_dict(plain) == LAYOUT
+  with_melody = MELODY_LAYOUT.to_dict()
+  assert vocab.TokenLayout.from_dict(with_melody) == MELODY_LAYOUT
+  assert with_melody["melody_levels"] == 4 and with_melody["melody_codebook_size"] == 8
+  # Melody ids come after every other family: no offset moves.
+  for key in ("mulan_offset", "semantic_offset", "acoustic_offset"):
+    assert with_melody[key] == plain[key]
+  assert MELODY_LAYOUT.melody_offset == LAYOUT.num_used_ids
+  assert MELODY_LAYOUT.num_used_ids == LAYOUT.num_used_ids + 4 * 8
+  codes = np.random.default_rng(0).integers(0, 8, (3, 5, 4))
+  ids = MELODY_LAYOUT.melody_tokens(codes)
+  for q in range(4):
+    lo, hi = MELODY_LAYOUT.melody_range(q)
+    assert np.all((ids[..., q] >= lo) & (ids[..., q] < hi))
+  np.testing.assert_array_equal(MELODY_LAYOUT.melody_codes(ids), codes)
+  with pytest.raises(ValueError, match="inconsistent"):
+    vocab.TokenLayout.from_dict(dict(with_melody, melody_offset=with_melody["melody_offset"] + 1))
+  with pytest.raises(ValueError, match="melody level 4"):
+    MELODY_LAYOUT.melody_range(4)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def melody_clip(rng, frames_s, melody_windows, layout=MELODY_LAYOUT):
+  return stages.ClipTokens(
+      mulan=rng.integers(0, layout.mulan_codebook_size, layout.mulan_levels),
+      semantic=rng.integers(0, layout.semantic_codebook_size, frames_s),
+      acoustic=rng.integers(0, layout.acoustic_codebook_size,
+                            (2 * frames_s, layout.acoustic_levels)),
+      melody=rng.integers(0, layout.melody_codebook_size,
+                          (melody_windows, layout.melody_levels)))
+
+
+@pytest.mark.parametrize("name", ["semantic", "coarse"])
+def test_melody_conditioned_prefix_decodes_to_the_clips_melody_windows(name):
+  rng = np.random.default_rng(1)
+  # 4 s of tokens, melody windows every 0.5 s (7 windows of 1 s), stage window 1.2 s.
+  clip = melody_clip(rng, 100, 7)
+  stage = stages.Stage(name=name, window_seconds=1.2, layout=MELODY_LAYOUT,
+                       melody_conditioning=True, melody_hop_seconds=0.5)
+  plain = stages.Stage(name=name, window_seconds=1.2, layout=MELODY_LAYOUT)
+  assert stage.melody_windows == math.ceil(1.2 / 0.5) == 3
+  assert stage.lengths()[0] == plain.lengths()[0] + 3 * 4
+  for start in (0, 12, 13, 70):  # 70: windows 2.8 s.. -> rows 5, 6, then the last held
+    prefix, targets = stage.sequences(stage.window(clip, start))
+    assert (len(prefix), len(targets)) == stage.lengths()
+    codes = stage.codes(prefix, targets)
+    first = int(start / 25 / 0.5)
+    rows = np.minimum(first + np.arange(3), 6)
+    np.testing.assert_array_equal(codes["melody"], clip.melody[rows])
+    np.testing.assert_array_equal(codes["mulan"], clip.mulan)
+    np.testing.assert_array_equal(codes["semantic"], clip.semantic[start:start + 30])
+    # Without the switch: today's layout, the same ids after the melody.
+    plain_prefix, plain_targets = plain.sequences(plain.window(clip, start))
+    np.testing.assert_array_equal(plain_targets, targets)
+    np.testing.assert_array_equal(np.delete(prefix, np.arange(12, 24)), plain_prefix)
+  np.testing.assert_array_equal(stage.melody_window_indices(70, 7, loop=True), [5, 6, 0])
+  # Guidance / conditioning dropout pads M and T_mel, nothing else.
+  prefix, _ = stage.sequences(stage.window(clip, 0))
+  dropped = stage.unconditional(prefix)
+  assert np.all(dropped[:24] == vocab.PAD_ID)
+  np.testing.assert_array_equal(dropped[24:], prefix[24:])
+  # Training examples carry the clip's own melody rows.
+  prefixes, _ = stage.examples(clip, np.random.default_rng(0))
+  assert prefixes.shape == (1, stage.lengths()[0])
+
+
+def test_melody_conditioning_errors_are_clear():
+  with pytest.raises(ValueError, match="melody_levels > 0"):
+    stages.Stage(name="semantic", window_seconds=1.0, layout=LAYOUT, melody_conditioning=True,
+                 melody_hop_seconds=0.5)
+  with pytest.raises(ValueError, match="fine stage takes no melody"):
+    stages.Stage(name="fine", window_seconds=1.0, layout=MELODY_LAYOUT,
+                 melody_conditioning=True, melody_hop_seconds=0.5)
+  stage = stages.Stage(name="semantic", window_seconds=1.0, layout=MELODY_LAYOUT,
+                       melody_conditioning=True, melody_hop_seconds=0.5)
+  clip = melody_clip(np.random.default_rng(2), 50, 3)
+  with pytest.raises(ValueError, match="needs melody codes"):
+    stage.examples(stages.ClipTokens(clip.mulan, clip.semantic, clip.acoustic))
+
+
+# ---------------------------------------------------------------- recordings and evaluation
+
+
+def tune(pitches, step=0.25, shift=0, harmonics=(1.0,), rate=16000) -> np.ndarray:
+  """A played melody: one note of MIDI pitch p + shift per `step` seconds."""
+  notes = []
+  for p in pitches:
+    f = 440.0 * 2.0 ** ((p + shift - 69) / 12)
+    t = np.arange(int(step * rate)) / rate
+    envelope = np.minimum(1.0, np.minimum(t, step - t) * 50)
+    notes.append(envelope * sum(a * np.sin(2 * np.pi * f * (k + 1) * t)
+                                for k, a in enumerate(harmonics)))
+  return (0.3 * np.concatenate(notes)).astype(np.float32)
+
+
+TUNE_A = [60, 62, 64, 65, 67, 65, 64, 62, 60, 67, 64, 60, 62, 64, 62, 60]
+TUNE_B = [64, 64, 71, 69, 60, 72, 62, 62, 66, 61, 70, 63, 67, 67, 59, 65]
+
+
+def test_unusable_recordings_are_refused_with_the_reason():
+  config = melody_lib.MelodyConfig(window_seconds=1.0, hop_seconds=0.5)
+  rng = np.random.default_rng(0)
+  hum = tune(TUNE_A)  # 4 s
+  np.testing.assert_array_equal(melody_lib.check_melody_recording(config, hum), hum)
+  noisy_hum = hum + np.std(hum) * rng.standard_normal(len(hum)).astype(np.float32)
+  melody_lib.check_melody_recording(config, noisy_hum)  # 0 dB SNR still holds a tune
+  white = 0.1 * rng.standard_normal(64000)
+  brown = np.cumsum(white)
+  brown = 0.3 * (brown - brown.mean()) / np.abs(brown - brown.mean()).max()
+  for noise in (white, brown):  # flat and low-heavy spectra: no pitched frame
+    assert np.mean(melody_lib.pitch_salience(config, noise) > melody_lib.PITCH_SALIENCE) < 0.05
+    with pytest.raises(audio.AudioError, match="holds no melody.*noise only") as error:
+      melody_lib.check_melody_recording(config, noise)
+    assert error.value.reason == "unpitched"
+  assert np.median(melody_lib.pitch_salience(config, hum)) > 2 * melody_lib.PITCH_SALIENCE
+  with pytest.raises(audio.AudioError, match="shorter than one melody window"):
+    melody_lib.check_melody_recording(config, hum[:12000])
+  with pytest.raises(audio.AudioError, match="silent"):
+    melody_lib.check_melody_recording(config, np.zeros(32000, np.float32))
+
+
+def test_contour_similarity_is_key_invariant_and_tells_melodies_apart():
+  config = melody_lib.MelodyConfig()
+  a = tune(TUNE_A)
+  transposed = tune(TUNE_A, shift=5, harmonics=(1.0, 0.5, 0.3))  # other key and timbre
+  other = tune(TUNE_B, harmonics=(1.0, 0.5, 0.3))
+  same = melody_eval.contour_similarity(config, a, transposed)
+  different = melody_eval.contour_similarity(config, a, other)
+  assert same["similarity"] > 0.9 and same["transposition"] == 7  # 7 = -5 mod 12
+  assert different["similarity"] < 0.5
+  assert melody_eval.contour_similarity(config, a, a) == {"similarity": pytest.approx(1.0),
+                                                          "transposition": 0}
+  chroma = melody_eval.chroma(config, a)
+  assert chroma.shape == (len(a) // config.hop_length + 1, 12)
+  # Each 0.25 s note's pitch class dominates its frames (C=0, D=2, E=4, F=5, G=7).
+  middle = [int(round((i + 0.5) * 0.25 * 16000 / config.hop_length)) for i in range(16)]
+  np.testing.assert_array_equal(np.argmax(chroma[middle], axis=1), np.array(TUNE_A) % 12)
+
+
+def test_retrieval_accuracy_on_known_embeddings():
+  rng = np.random.default_rng(3)
+  centres = rng.normal(size=(6, 16))
+  emb = np.concatenate([c + 0.05 * rng.normal(size=(3, 16)) for c in centres])
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  ids = np.repeat(np.arange(6), 3)
+  report = melody_eval.retrieval_accuracy(emb, ids)
+  assert report == {"accuracy": 1.0, "chance": pytest.approx(2 / 17), "num_queries": 18,
+                    "num_melodies": 6, "num_candidates": 18}
+  shuffled = melody_eval.retrieval_accuracy(emb, rng.permutation(ids))
+  assert shuffled["accuracy"] < 0.5
+  few = melody_eval.retrieval_accuracy(emb, ids, max_melodies=2)
+  assert few["num_candidates"] == 6 and few["accuracy"] == 1.0
+  np.testing.assert_allclose(np.linalg.norm(melody_eval.mean_embeddings(
+      emb.reshape(6, 3, 16)), axis=1), 1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="several renditions"):
+    melody_eval.retrieval_accuracy(emb[:6], np.arange(6))
+
+
+# ---------------------------------------------------------------- end to end, tiny models
+
+IN_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
+WINDOWS = stages.StageWindows(semantic_seconds=1.0, coarse_seconds=0.4, fine_seconds=0.2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tiny_gm_corpus, tmp_path_factory):
+  return tiny_tokenizers.train_in_subprocess(tiny_gm_corpus,
+                                             str(tmp_path_factory.mktemp("tokenizers")),
+                                             with_melody=True)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_gm_corpus, tokenizer_dirs, tmp_path_factory):
+  """The tiny corpus tokenized with melody tokens (Beam, in process)."""
+  cache_dir = str(tmp_path_factory.mktemp("tokens"))
+  spec = token_tasks.TokenTaskSpec("gm", tiny_gm_corpus, tokenizer_dirs, clips_per_shard=12,
+                                   batch_size=12)
+  return cache_dir, token_tasks.run_cache_job([spec], cache_dir, IN_PROCESS)["gm"]
+
+
+def read_split(cache_dir, split, layout):
+  task_dir = token_tasks.task_cache_dir(cache_dir, "gm")
+  return list(token_tasks.read_cached(task_dir, split, layout.acoustic_levels,
+                                      layout.melody_levels).as_numpy_iterator())
+
+
+def test_cache_holds_each_clips_melody_tokens(cache, tiny_gm_corpus, tokenizer_dirs):
+  cache_dir, manifest = cache
+  layout = vocab.TokenLayout.from_dict(manifest["layout"])
+  assert (layout.melody_levels, layout.melody_codebook_size) == (
+      tiny_tokenizers.MELODY_LEVELS, tiny_tokenizers.MELODY_CODEBOOK_SIZE)
+  assert manifest["melody_config"]["hop_seconds"] == 0.5
+  tokenizers = frozen.FrozenTokenizers.load(tokenizer_dirs)
+  clips = {ex["clip_id"]: ex for ex in corpora.load(tiny_gm_corpus, "validation")
+           .as_numpy_iterator()}
+  records = read_split(cache_dir, "validation", layout)
+  assert len(records) == len(clips) == 2
+  for record in records:
+    clip = clips[record["clip_id"]]
+    num_samples = int(round(clip["duration_s"] * 24000))
+    direct = tokenizers.tokenize_clips(clip["audio"][None], [num_samples])
+    # 4 s at 16 kHz, 1 s windows every 0.5 s: 7 windows
+    assert record["melody"].shape == (7, tiny_tokenizers.MELODY_LEVELS)
+    np.testing.assert_array_equal(record["melody"], direct.melody[0])
+    np.testing.assert_array_equal(record["mulan"], direct.mulan[0])
+
+
+@pytest.mark.parametrize("name", ["semantic", "coarse"])
+def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name):
+  cache_dir, _ = cache
+  task = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                               windows=WINDOWS, melody_conditioning=True)
+  plain = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                                windows=WINDOWS)
+  stage = task.stage
+  assert stage.melody_conditioning and stage.melody_windows == {"semantic": 2, "coarse": 1}[name]
+  assert task.length == plain.length + stage.melody_windows * tiny_tokenizers.MELODY_LEVELS
+  assert task.describe()["melody_hop_seconds"] == 0.5
+  assert (task.name, plain.name) == (f"gm_{name}_melody", f"gm_{name}")  # both stay readable
+  clips = read_split(cache_dir, "validation", stage.layout)
+  expected = set()
+  for clip in clips:  # evaluation windows: consecutive, from the start
+    tokens = stages.ClipTokens(clip["mulan"], clip["semantic"], clip["acoustic"], clip["melody"])
+    for start in stage.window_starts(len(clip["semantic"])):
+      prefix, targets = stage.sequences(stage.window(tokens, start))
+      expected.add((prefix.tobytes(), targets.tobytes()))
+  iterator = task.iterator("validation", 4)
+  seen = set()
+  for _ in range(len(expected) // 4):
+    batch = next(iterator)
+    for i in range(4):
+      row = {k: v[i] for k, v in batch.items()}
+      prefix_len = int(row["decoder_causal_attention"].sum()) - 1
+      num_targets = int(row["decoder_loss_weights"].sum())
+      prefix = row["decoder_target_tokens"][:prefix_len]
+      targets = row["decoder_target_tokens"][prefix_len:prefix_len + num_targets]
+      codes = stage.codes(prefix, targets)  # every id legal, melody rows included
+      assert codes["melody"].shape == (stage.melody_windows, tiny_tokenizers.MELODY_LEVELS)
+      seen.add((prefix.tobytes(), targets.tobytes()))
+  assert seen <= expected and len(seen) >= len(expected) - 4
+  with pytest.raises(ValueError, match="no melody tokens|has none"):
+    stage_tasks.stage_from_manifest({"layout": vocab.LAYOUT.to_dict(), "semantic_rate": 25,
+                                     "acoustic_rate": 50, "corpus": "x"}, name, WINDOWS,
+                                    melody_conditioning=True)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(cache, tokenizer_dirs, tmp_path_factory):
+  """Melody-conditioned stages, untrained (step 0), exported with the melody encoder."""
+  cache_dir, _ = cache
+  root = tmp_path_factory.mktemp("stages")
+  for module in cli.GIN_MODULES["train"]:
+    __import__(module)
+  runs = {}
+  for name in stages.STAGE_NAMES:
+    gin.clear_config()
+    runs[name] = str(root / name)
+    cli.parse_gin(["gin/stages/tiny.gin", f"gin/stages/{name}.gin"],
+                  [f"MODEL_DIR = '{runs[name]}'", f"TOKENS_DIR = '{cache_dir}'",
+                   "CORPORA = {'gm': 1.0}", "NUM_STEPS = 0", "MELODY_CONDITIONING = True",
+                   f"StageWindows.semantic_seconds = {WINDOWS.semantic_seconds}",
+                   f"StageWindows.coarse_seconds = {WINDOWS.coarse_seconds}",
+                   f"StageWindows.fine_seconds = {WINDOWS.fine_seconds}",
+                   "DecoderConfig.dtype = 'float32'"])
+    trainer.train()  # pylint: disable=no-value-for-parameter
+  gin.clear_config()
+  output = str(root / "bundle")
+  bundle.export_bundle(bundle.BundleRuns(soundstream=tokenizer_dirs.soundstream,
+                                         w2v_bert=tokenizer_dirs.semantic,
+                                         mulan=tokenizer_dirs.mulan, melody=tokenizer_dirs.melody,
+                                         **runs), output)
+  return output, runs
+
+
+@pytest.fixture(scope="module")
+def generator(bundle_dir):
+  return hierarchy.Generator(bundle.Bundle.load(bundle_dir[0]))
+
+
+def test_generation_follows_the_melody_tokens_of_the_recording(generator, bundle_dir, tmp_path):
+  loaded = generator.bundle
+  assert loaded.tokenizers.melody is not None and generator.melody_conditioned
+  assert {n: s.stage.melody_windows for n, s in loaded.stages.items()} == {
+      "semantic": 2, "coarse": 1, "fine": 0}
+  hum = tune(TUNE_A)  # 4 s at 16 kHz: 7 melody windows
+  rows = [[("a calm piano waltz", 1.6)]]
+  result = generator.generate(rows, seeds=[1], melody_audio=hum)
+  frames = int(1.6 * 25)
+  assert result.audio.shape == (1, frames * 960) and np.all(np.isfinite(result.audio))
+  np.testing.assert_array_equal(result.melody[0],
+                                loaded.tokenizers.melody.tokens(hum[None], 16000)[0])
+  # The same melody at 44.1 kHz tokenizes alike (resampled to the encoder's rate).
+  at_44k = loaded.tokenizers.melody.tokens(audio.resample(hum, 16000, 44100)[None], 44100)
+  assert np.mean(at_44k == result.melody) >= 0.75
+  # Each window's prefix holds the recording's melody windows of its span (1 s
+  # semantic windows every 0.5 s with overlap 0.5 -> starts 0, 12, 24 frames).
+  semantic_stage = loaded.stages["semantic"].stage
+  conditioning = generator._conditioning_ids  # pylint: disable=protected-access
+  for start in (0, 12, 24, 40):
+    ids = conditioning(semantic_stage, result.mulan, 0, result.melody, start)
+    first = int(start / 25 / 0.5)
+    codes = semantic_stage.codes(ids[0], np.zeros(0, np.int32))
+    np.testing.assert_array_equal(codes["melody"], result.melody[0, [first % 7, (first + 1) % 7]])
+  unconditioned = generator.generate(rows, seeds=[1])  # T_mel padded
+  assert unconditioned.melody is None
+  assert np.any(unconditioned.semantic != result.semantic)  # the melody is heard
+  # A recording shorter than the piece loops; errors name the problem.
+  short = generator.generate(rows, seeds=[1], melody_audio=hum[:24000])  # 2 windows
+  assert short.melody.shape == (1, 2, tiny_tokenizers.MELODY_LEVELS)
+  ids = conditioning(semantic_stage, short.mulan, 0, short.melody, 24)
+  np.testing.assert_array_equal(semantic_stage.codes(ids[0], np.zeros(0, np.int32))["melody"],
+                                short.melody[0, [1, 0]])  # window 2 is window 0 again
+  with pytest.raises(ValueError, match="shorter than one melody window"):
+    generator.generate(rows, seeds=[1], melody_audio=hum[:8000])
+  with pytest.raises(ValueError, match="silent"):
+    generator.generate(rows, seeds=[1], melody_audio=np.zeros(32000, np.float32))
+  noise = 0.1 * np.random.default_rng(0).standard_normal(32000).astype(np.float32)
+  with pytest.raises(ValueError, match="holds no melody"):
+    generator.generate(rows, seeds=[1], melody_audio=noise)
+  without = bundle.Bundle(loaded.directory, loaded.manifest, copy.copy(loaded.tokenizers),
+                          loaded.stages)
+  without.tokenizers.melody = None
+  with pytest.raises(ValueError, match="has no melody model"):
+    hierarchy.Generator(without).generate(rows, seeds=[1], melody_audio=hum)
+  # A melody-conditioned bundle without its melody encoder is refused.
+  broken = str(tmp_path / "broken")
+  shutil.copytree(bundle_dir[0], broken)
+  shutil.rmtree(os.path.join(broken, "melody"))
+  with pytest.raises(bundle.BundleError, match="token layout|no melody encoder"):
+    bundle.Bundle.load(broken)
+
+
+def test_evaluate_generation_reports_both_sides(generator):
+  report = melody_eval.evaluate_generation(generator, [tune(TUNE_A)], "a calm waltz", 1.6)
+  for side in ("with_melody", "without_melody"):
+    assert -1.0 <= report[side]["similarity"] <= 1.0 and len(report[side]["per_melody"]) == 1
+  assert report["difference"] == pytest.approx(
+      report["with_melody"]["similarity"] - report["without_melody"]["similarity"])
+
+
+def test_cli_generate_with_a_melody_file(bundle_dir, tmp_path):
+  hum = str(tmp_path / "hum.flac")  # another format, rate and channel count
+  soundfile.write(hum, np.stack([audio.resample(tune(TUNE_A), 16000, 44100)] * 2, axis=1),
+                  44100)
+  wav = str(tmp_path / "out.wav")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(
+      [sys.executable, "-m", "musiclm_jax.main", "generate", f"--bundle={bundle_dir[0]}",
+       "--prompt=a jazz trio", f"--melody={hum}", "--seconds=0.8", f"--output={wav}"],
+      env=env, capture_output=True, text=True, timeout=600,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr[-3000:]
+  data, rate = soundfile.read(wav)
+  assert rate == 24000 and data.shape == (int(0.8 * 24000),) and np.abs(data).max() > 0
+
+
+def test_cli_melody_prepare_fit_rvq_and_eval(tokenizer_dirs, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+  def musiclm(*args):
+    return subprocess.run([sys.executable, "-m", "musiclm_jax.main", *args], env=env,
+                          capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  data_dir = str(tmp_path / "melodies")
+  prepared = musiclm("melody", "prepare", f"--data_dir={data_dir}", "--num_melodies=5",
+                     "--renditions=2", "--seconds=1.5", "--soundfont=")
+  assert prepared.returncode == 0, prepared.stderr[-3000:]
+  assert sum(json.loads(prepared.stdout.splitlines()[-1])["clips"].values()) == 10
+  model_dir = str(tmp_path / "melody")
+  shutil.copytree(tokenizer_dirs.melody, model_dir)
+  os.remove(os.path.join(model_dir, melody_lib.RVQ_FILE))
+  fitted = musiclm("melody", "fit_rvq", f"--checkpoint={model_dir}", f"--data_dir={data_dir}",
+                   "--gin_file=gin/tokenizers/melody_tiny.gin",
+                   "--gin_bindings=fit_melody_rvq.codebook_size = 2")
+  assert fitted.returncode == 0, fitted.stderr[-3000:]
+  report = json.loads(fitted.stdout.splitlines()[-1])
+  assert (report["num_levels"], report["codebook_size"]) == (4, 2)  # from the gin file
+  assert melody_lib.load_rvq(model_dir).shape == (4, 2, 32)
+  evaluated = musiclm("eval", "melody", f"--checkpoint={model_dir}", f"--data_dir={data_dir}",
+                      "--split=train")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  retrieval = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])["retrieval"]
+  assert 0.0 <= retrieval["accuracy"] <= 1.0 and retrieval["num_candidates"] >= 4
