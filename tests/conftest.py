@@ -16,9 +16,12 @@ os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
 # every CLI subprocess a test starts inherit it from the process that made it,
 # and load a program another one compiled (the same tiny model's steps,
 # samplers and tokenizers) instead of compiling it. Removed at the end.
-_OWNS_XLA_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-if _OWNS_XLA_CACHE:
+# Beside it, a directory for what test files in any worker share
+# (tests/tiny_tokenizers.py: the tiny tokenizers, trained once per run).
+_OWNS_SHARED_DIRS = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWNS_SHARED_DIRS:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="musiclm_jax_tests_xla_")
+  os.environ["MUSICLM_TESTS_SHARED_DIR"] = tempfile.mkdtemp(prefix="musiclm_jax_tests_shared_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import gin  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -30,8 +33,9 @@ from musiclm_jax.models import DecoderOnlyModel  # pylint: disable=wrong-import-
 
 
 def pytest_sessionfinish(session):
-  if _OWNS_XLA_CACHE and not hasattr(session.config, "workerinput"):
-    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  if _OWNS_SHARED_DIRS and not hasattr(session.config, "workerinput"):
+    for name in ("JAX_COMPILATION_CACHE_DIR", "MUSICLM_TESTS_SHARED_DIR"):
+      shutil.rmtree(os.environ[name], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

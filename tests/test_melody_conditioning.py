@@ -212,10 +212,8 @@ WINDOWS = stages.StageWindows(semantic_seconds=1.0, coarse_seconds=0.4, fine_sec
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dirs(tiny_gm_corpus, tmp_path_factory):
-  return tiny_tokenizers.train_in_subprocess(tiny_gm_corpus,
-                                             str(tmp_path_factory.mktemp("tokenizers")),
-                                             with_melody=True)
+def tokenizer_dirs(tiny_gm_corpus):
+  return tiny_tokenizers.shared_tiny_tokenizers(tiny_gm_corpus, with_melody=True)
 
 
 @pytest.fixture(scope="module")

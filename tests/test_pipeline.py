@@ -52,9 +52,8 @@ def folder_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dirs(tiny_gm_corpus, tmp_path_factory):
-  return tiny_tokenizers.train_in_subprocess(tiny_gm_corpus,
-                                             str(tmp_path_factory.mktemp("tokenizers")))
+def tokenizer_dirs(tiny_gm_corpus):
+  return tiny_tokenizers.shared_tiny_tokenizers(tiny_gm_corpus)
 
 
 def specs(tiny_gm_corpus, folder_corpus, dirs):

@@ -10,7 +10,9 @@ files and their layouts are what the token pipeline consumes. Training steps of 
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +111,28 @@ def train_in_subprocess(corpus_dir: str, root: str, with_melody: bool = False
                           env=env, capture_output=True, text=True, timeout=900,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  dirs = {name: os.path.join(root, name) for name in RUNS}
+  if with_melody:
+    dirs["melody"] = os.path.join(root, "melody")
+  return frozen.TokenizerDirs(**dirs)
+
+
+def shared_tiny_tokenizers(corpus_dir: str, with_melody: bool = False) -> frozen.TokenizerDirs:
+  """The tiny tokenizers and melody encoder, trained once per test run.
+
+  They live in the run's shared directory (`MUSICLM_TESTS_SHARED_DIR`, made
+  by tests/conftest.py): the first test file to ask trains them (in a
+  subprocess, under a file lock), every other one, in any xdist worker, reads
+  them. `corpus_dir` is a tiny gm_synth corpus (the same in every worker).
+  """
+  shared = os.environ["MUSICLM_TESTS_SHARED_DIR"]
+  root = os.path.join(shared, "tiny_tokenizers")
+  with open(os.path.join(shared, "tiny_tokenizers.lock"), "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.isfile(os.path.join(root, "COMPLETE")):
+      shutil.rmtree(root, ignore_errors=True)
+      train_in_subprocess(corpus_dir, root, with_melody=True)
+      open(os.path.join(root, "COMPLETE"), "w", encoding="utf-8").close()
   dirs = {name: os.path.join(root, name) for name in RUNS}
   if with_melody:
     dirs["melody"] = os.path.join(root, "melody")
