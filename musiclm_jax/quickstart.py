@@ -231,10 +231,8 @@ class Quickstart:
     """Runs (or resumes) every phase up to and including `until` (default: all)."""
     if until is not None and until not in PHASES:
       raise QuickstartError(f"unknown phase {until!r}; phases: {', '.join(PHASES)}")
-    for module in ("musiclm_jax.training.trainer", "musiclm_jax.models",
-                   "musiclm_jax.partitioning", "musiclm_jax.layers.transformer",
-                   "musiclm_jax.training.checkpoints", "musiclm_jax.training.optimizers"):
-      __import__(module)
+    from musiclm_jax import main as cli  # pylint: disable=g-import-not-at-top
+    cli.import_configurables("train")  # what every phase's gin file binds
     clock = PhaseClock(self.plan.expected_minutes)
     steps: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
         "corpus": ("build the gm_synth corpus", self.corpus),

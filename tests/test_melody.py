@@ -17,7 +17,6 @@ from musiclm_jax import main as cli
 from musiclm_jax.corpora import melody_pairs
 from musiclm_jax.layers import quantizers
 from musiclm_jax.music import melody_renditions as mr
-from musiclm_jax.music import render
 from musiclm_jax.tokenizers import melody
 from musiclm_jax.training.optimizers import Optimizer
 from musiclm_jax.training.train_state import TrainState
@@ -30,15 +29,6 @@ def _parse_tiny_gin(bindings: list[str]) -> None:
   for module in cli.GIN_MODULES["train"]:
     __import__(module)
   cli.parse_gin([TINY_GIN], ["MODEL_DIR = '/unused'", "DATA_DIR = '/unused'", *bindings])
-
-
-def _has_fluidsynth() -> bool:
-  try:
-    render.fluidsynth_binary()
-    render.find_soundfont("timgm6mb")
-  except render.RenderError:
-    return False
-  return True
 
 
 def _notes(rendition: mr.Rendition) -> list:
@@ -134,7 +124,6 @@ def test_build_melody_renditions_splits_by_melody(tmp_path):
   assert again["clips"] == manifest["clips"]
 
 
-@pytest.mark.skipif(not _has_fluidsynth(), reason="needs fluidsynth and TimGM6mb")
 def test_build_melody_renditions_with_a_soundfont(tmp_path):
   manifest = melody_pairs.build_melody_renditions(str(tmp_path), num_melodies=3,
                                                   renditions_per_melody=3, seconds=1.0,
