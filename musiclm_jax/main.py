@@ -331,13 +331,7 @@ def _generate(args: Sequence[str]) -> None:
     prompt_audio = [w[:length] for w in loaded] * (len(FLAGS.prompt) // len(loaded))
   melody_audio, melody_rate = None, 16000
   if FLAGS.melody:
-    tokenizer = generator.bundle.tokenizers.melody
-    if tokenizer is None:
-      raise CommandError(f"the bundle {FLAGS.bundle} has no melody model, so --melody cannot be "
-                         "followed; export one with BundleRuns.melody and melody-conditioned "
-                         "stages")
-    melody_rate = tokenizer.config.sample_rate
-    melody_audio = _run(audio.load, FLAGS.melody, sample_rate=melody_rate)[0]
+    melody_audio, melody_rate = _run(generator.load_melody, FLAGS.melody)
   seeds = [FLAGS.seed + i for i in range(len(FLAGS.prompt))]
   result = _run(generator.generate, [[(p, FLAGS.seconds)] for p in FLAGS.prompt], seeds,
                 prompt_audio, melody_audio, melody_rate)

@@ -225,6 +225,15 @@ class Stage:
     prefix[..., :self.conditioning_length] = vocab.PAD_ID
     return prefix
 
+  def without_melody(self, prefix: np.ndarray) -> np.ndarray:
+    """`prefix [..., P]` with only its melody tokens replaced by pad: a text prompt
+    without a recording, as the sampler gives a melody-conditioned stage."""
+    if not self.melody_conditioning:
+      raise ValueError(f"the {self.name} stage has no melody conditioning to drop")
+    prefix = np.array(prefix, copy=True)
+    prefix[..., self.layout.mulan_levels:self.conditioning_length] = vocab.PAD_ID
+    return prefix
+
   def codes(self, prefix: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     """Inverse of `sequences`: the codes a (prefix, targets) pair holds.
 
@@ -325,19 +334,27 @@ class Stage:
                       acoustic=clip.acoustic[a0:a0 + n_s * self.frames_ratio], melody=melody)
 
   def examples(self, clip: ClipTokens, rng: Optional[np.random.Generator] = None,
-               conditioning_dropout: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+               conditioning_dropout: float = 0.0, melody_dropout: float = 0.0
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Prefix and target ids of the clip's windows, `[windows, P]` and `[windows, T]`.
 
-    With `rng` (training), each window's MuLan tokens are dropped (`unconditional`)
-    with probability `conditioning_dropout`, which teaches the model the
-    unconditional distribution that classifier-free guidance needs.
+    With `rng` (training), each window's MuLan (and melody) tokens are dropped
+    (`unconditional`) with probability `conditioning_dropout`, which teaches the
+    model the unconditional distribution that classifier-free guidance needs.
+    A melody-conditioned stage also drops the melody tokens alone
+    (`without_melody`) of a `melody_dropout` fraction of the windows that kept
+    their conditioning: the text-only prompt of a melody bundle given no
+    recording. Stages without melody conditioning ignore `melody_dropout`.
     """
     self.check_clip(clip)
     prefixes, targets = [], []
     for start in self.window_starts(len(clip.semantic), rng):
       prefix, target = self.sequences(self.window(clip, start))
-      if rng is not None and self.conditioned and rng.random() < conditioning_dropout:
-        prefix = self.unconditional(prefix)
+      if rng is not None and self.conditioned:
+        if rng.random() < conditioning_dropout:
+          prefix = self.unconditional(prefix)
+        elif self.melody_conditioning and rng.random() < melody_dropout:
+          prefix = self.without_melody(prefix)
       prefixes.append(prefix)
       targets.append(target)
     return np.stack(prefixes), np.stack(targets)

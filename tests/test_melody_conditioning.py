@@ -3,6 +3,7 @@ stages, `generate --melody` end to end with tiny untrained models, the refusals 
 unusable recordings, and the melody evaluation measures."""
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import math
@@ -23,6 +24,7 @@ from musiclm_jax import vocab
 from musiclm_jax.eval import melody as melody_eval
 from musiclm_jax.sampling import bundle
 from musiclm_jax.sampling import hierarchy
+from musiclm_jax.sampling import infer as infer_lib
 from musiclm_jax.tasks import corpora
 from musiclm_jax.tasks import stage_tasks
 from musiclm_jax.tasks import token_tasks
@@ -111,6 +113,37 @@ def test_melody_conditioned_prefix_decodes_to_the_clips_melody_windows(name):
   # Training examples carry the clip's own melody rows.
   prefixes, _ = stage.examples(clip, np.random.default_rng(0))
   assert prefixes.shape == (1, stage.lengths()[0])
+
+
+def test_melody_dropout_pads_the_melody_alone_of_that_fraction_of_kept_windows():
+  clip = melody_clip(np.random.default_rng(3), 100, 7)
+  stage = stages.Stage(name="coarse", window_seconds=1.2, layout=MELODY_LAYOUT,
+                       melody_conditioning=True, melody_hop_seconds=0.5)
+  prefix, _ = stage.sequences(stage.window(clip, 0))
+  no_melody = stage.without_melody(prefix)
+  assert np.all(no_melody[12:24] == vocab.PAD_ID)
+  np.testing.assert_array_equal(np.delete(no_melody, np.arange(12, 24)),
+                                np.delete(prefix, np.arange(12, 24)))
+  rng = np.random.default_rng(4)
+  kinds = collections.Counter()
+  for _ in range(1000):
+    p = stage.examples(clip, rng, conditioning_dropout=0.2, melody_dropout=0.5)[0][0]
+    mulan_padded = np.all(p[:12] == vocab.PAD_ID)
+    melody_padded = np.all(p[12:24] == vocab.PAD_ID)
+    assert np.all(p[24:] != vocab.PAD_ID)  # the semantic tokens are never dropped
+    kinds[(bool(mulan_padded), bool(melody_padded))] += 1
+  assert kinds[(True, False)] == 0  # M is only dropped together with T_mel
+  assert 0.16 < kinds[(True, True)] / 1000 < 0.24  # conditioning dropout
+  assert 0.35 < kinds[(False, True)] / 1000 < 0.45  # half of the other 80 %
+  evaluation = stage.examples(clip, None, conditioning_dropout=0.9, melody_dropout=0.9)[0]
+  assert np.all(evaluation[:, :24] != vocab.PAD_ID)
+  plain = stages.Stage(name="coarse", window_seconds=1.2, layout=MELODY_LAYOUT)
+  with pytest.raises(ValueError, match="no melody conditioning"):
+    plain.without_melody(prefix)
+  # Without melody conditioning, melody_dropout draws nothing: the same windows.
+  same = [plain.examples(clip, np.random.default_rng(5), 0.3, melody_dropout=m)[0]
+          for m in (0.0, 0.9)]
+  np.testing.assert_array_equal(*same)
 
 
 def test_melody_conditioning_errors_are_clear():
@@ -285,6 +318,18 @@ def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name
       assert codes["melody"].shape == (stage.melody_windows, tiny_tokenizers.MELODY_LEVELS)
       seen.add((prefix.tobytes(), targets.tobytes()))
   assert seen <= expected and len(seen) >= len(expected) - 4
+  # Training windows: the gin-set melody dropout reaches the examples.
+  dropping = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                                   windows=WINDOWS, melody_conditioning=True,
+                                   melody_dropout=0.5)
+  batch = next(dropping.iterator("train", 32))
+  melody = batch["decoder_target_tokens"][:, 12:stage.conditioning_length]
+  padded = np.all(melody == vocab.PAD_ID, axis=1)
+  assert 0 < padded.sum() < 32
+  assert np.all(batch["decoder_target_tokens"][:, :12] != vocab.PAD_ID)
+  with pytest.raises(ValueError, match="melody_dropout must be in"):
+    stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                          windows=WINDOWS, melody_conditioning=True, melody_dropout=1.0)
   with pytest.raises(ValueError, match="no melody tokens|has none"):
     stage_tasks.stage_from_manifest({"layout": vocab.LAYOUT.to_dict(), "semantic_rate": 25,
                                      "acoustic_rate": 50, "corpus": "x"}, name, WINDOWS,
@@ -350,6 +395,10 @@ def test_generation_follows_the_melody_tokens_of_the_recording(generator, bundle
     np.testing.assert_array_equal(codes["melody"], result.melody[0, [first % 7, (first + 1) % 7]])
   unconditioned = generator.generate(rows, seeds=[1])  # T_mel padded
   assert unconditioned.melody is None
+  # Without a recording the prefix is the melody dropout of training's (M kept).
+  recorded = conditioning(semantic_stage, result.mulan, 0, result.melody, 0)
+  np.testing.assert_array_equal(conditioning(semantic_stage, result.mulan, 0, None, 0),
+                                semantic_stage.without_melody(recorded))
   assert np.any(unconditioned.semantic != result.semantic)  # the melody is heard
   # A recording shorter than the piece loops; errors name the problem.
   short = generator.generate(rows, seeds=[1], melody_audio=hum[:24000])  # 2 windows
@@ -375,6 +424,55 @@ def test_generation_follows_the_melody_tokens_of_the_recording(generator, bundle
   shutil.rmtree(os.path.join(broken, "melody"))
   with pytest.raises(bundle.BundleError, match="token layout|no melody encoder"):
     bundle.Bundle.load(broken)
+
+
+def test_infer_follows_each_items_melody_and_skips_unusable_recordings(generator, tmp_path):
+  hums = tmp_path / "hums"
+  hums.mkdir()
+  soundfile.write(str(hums / "a.wav"), tune(TUNE_A), 16000)
+  soundfile.write(str(hums / "b.flac"), audio.resample(tune(TUNE_B), 16000, 44100), 44100)
+  soundfile.write(str(hums / "silent.wav"), np.zeros(32000, np.float32), 16000)
+  soundfile.write(str(hums / "short.wav"), tune(TUNE_A)[:8000], 16000)
+  lines = [{"id": "a", "prompt": "a jazz trio", "melody": "hums/a.wav", "seconds": 0.8, "seed": 1},
+           {"id": "b", "prompt": "a string quartet", "melody": "hums/b.flac", "seconds": 0.8,
+            "seed": 2},
+           {"id": "plain", "prompt": "a jazz trio", "seconds": 0.8, "seed": 1},
+           {"id": "silent", "prompt": "x", "melody": "hums/silent.wav", "seconds": 0.8},
+           {"id": "short", "prompt": "x", "melody": "hums/short.wav", "seconds": 0.8},
+           {"id": "gone", "prompt": "x", "melody": "hums/gone.wav", "seconds": 0.8}]
+  prompts = str(tmp_path / "prompts.jsonl")
+  with open(prompts, "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+  out = str(tmp_path / "out")
+  report = infer_lib.infer(generator, prompts, out, batch_size=4)
+  assert report["generated"] == 3
+  assert report["skipped"] == {"melody file not found": 1, "melody silent": 1,
+                               "melody too_short": 1}
+  skipped = [json.loads(line) for line in open(os.path.join(out, "skipped.jsonl"))]
+  assert {s.get("id") for s in skipped} == {None, "silent", "short"}
+  assert any("shorter than one melody window" in s.get("message", "") for s in skipped)
+  manifest = {r["id"]: r for r in map(json.loads, open(os.path.join(out, "manifest.jsonl")))}
+  assert manifest["a"]["melody"].endswith("hums/a.wav") and manifest["plain"]["melody"] is None
+  # Batched with another recording, "a" is what generate gives its recording alone.
+  direct = generator.generate([[("a jazz trio", 0.8)]], seeds=[1], melody_audio=tune(TUNE_A))
+  tokens = np.load(os.path.join(out, "a.npz"))
+  np.testing.assert_array_equal(tokens["melody"], direct.melody[0])
+  np.testing.assert_array_equal(tokens["semantic"], direct.semantic[0])
+  b_tokens = np.load(os.path.join(out, "b.npz"))["melody"]
+  assert b_tokens.shape[1] == tiny_tokenizers.MELODY_LEVELS and np.any(
+      b_tokens[:len(tokens["melody"])] != tokens["melody"][:len(b_tokens)])
+  assert "melody" not in np.load(os.path.join(out, "plain.npz"))
+  # A re-run redoes nothing and lists the unusable items again.
+  again = infer_lib.infer(generator, prompts, out, batch_size=4)
+  assert (again["generated"], again["already_done"]) == (0, 3)
+  assert again["skipped"] == report["skipped"]
+  # A bundle without a melody model skips the melody items and makes the others.
+  without = bundle.Bundle(generator.bundle.directory, generator.bundle.manifest,
+                          copy.copy(generator.bundle.tokenizers), generator.bundle.stages)
+  without.tokenizers.melody = None
+  refused = infer_lib.infer(hierarchy.Generator(without), prompts, str(tmp_path / "no_melody"),
+                            batch_size=4)
+  assert refused["generated"] == 1 and refused["skipped"]["melody refused"] == 4
 
 
 def test_evaluate_generation_reports_both_sides(generator):

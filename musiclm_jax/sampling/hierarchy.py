@@ -37,14 +37,15 @@ silent, not noise only) and tokenized into T_mel, one row per melody window
 window starting t seconds after the start of the new music takes the melody
 windows from `floor(t / hop)` on (`Stage.melody_window_indices`); a recording
 shorter than the piece loops: past its last window the melody starts again
-from its first. Without `melody_audio`, such a bundle pads T_mel (the
-unconditional melody of conditioning dropout).
+from its first. Without `melody_audio`, such a bundle pads T_mel and keeps
+M_T: the prefix of training's melody dropout (`StageTask.melody_dropout`).
+`Generator.load_melody` reads and checks a recording file.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import gin
 import jax
@@ -59,6 +60,7 @@ from musiclm_jax.sampling.bundle import Bundle
 from musiclm_jax.tokenizers import melody as melody_lib
 
 Segments = Sequence[tuple[str, float]]
+MelodyAudio = Union[np.ndarray, Sequence[np.ndarray]]
 
 
 @gin.configurable
@@ -138,15 +140,16 @@ class Generator:
 
   def generate(self, rows: Sequence[Segments], seeds: Sequence[int],
                prompt_audio: Optional[np.ndarray] = None,
-               melody_audio: Optional[np.ndarray] = None,
+               melody_audio: Optional[MelodyAudio] = None,
                melody_sample_rate: int = 16000) -> Generation:
     """Audio for each row of (prompt, seconds) segments; one seed per row.
 
     All rows must have the same total length. `prompt_audio` (float32
     `[batch, samples]`, 24 kHz) is continued instead of starting from silence;
-    the segments then describe what follows it. `melody_audio` (float32
-    `[samples]` for every row, or `[batch, samples]`, at `melody_sample_rate`)
-    is the melody the new music follows (see the module docstring).
+    the segments then describe what follows it. `melody_audio` (float32 at
+    `melody_sample_rate`: one `[samples]` for every row, or one per row as
+    `[batch, samples]` or a list of recordings of any lengths) is the melody
+    the new music follows (see the module docstring).
     """
     if len(rows) != len(seeds) or not rows:
       raise ValueError(f"{len(rows)} rows of prompts but {len(seeds)} seeds")
@@ -218,22 +221,37 @@ class Generator:
       raise ValueError(f"the prompt audio cannot be continued: {bad[0]}")
     return np.stack(out.semantic), np.stack(out.acoustic)
 
-  def _melody_codes(self, melody_audio: Optional[np.ndarray], sample_rate: int, batch: int
-                    ) -> Optional[np.ndarray]:
-    """T_mel `[batch, windows, melody_levels]` of the melody recording(s), each row's
-    windows looped to the longest row's count; None without a recording."""
-    if melody_audio is None:
-      return None
+  def _melody_tokenizer(self) -> melody_lib.MelodyTokenizer:
     tokenizer = self.bundle.tokenizers.melody
     if tokenizer is None or not self.melody_conditioned:
       raise ValueError(f"the bundle {self.bundle.directory} has no melody model, so it cannot "
                        "follow a melody; export one with BundleRuns.melody and stages trained "
                        "with StageTask.melody_conditioning")
-    wav = np.asarray(melody_audio, np.float32)
-    recordings = [wav] if wav.ndim == 1 else list(wav)
-    if wav.ndim > 2 or len(recordings) not in (1, batch):
-      raise ValueError(f"give one melody recording [samples] or one per row [{batch}, samples]; "
-                       f"got shape {wav.shape}")
+    return tokenizer
+
+  def load_melody(self, path: str) -> tuple[np.ndarray, int]:
+    """A melody recording file (any common format, rate and channel count) as
+    (float32 `[samples]`, rate) at the melody encoder's rate. Raises ValueError
+    naming the problem (an `audio.AudioError` for an unreadable, silent, too
+    short or unpitched recording; also a bundle without a melody model)."""
+    tokenizer = self._melody_tokenizer()
+    rate = tokenizer.config.sample_rate
+    wav = audio.load(path, sample_rate=rate)[0]
+    return melody_lib.check_melody_recording(tokenizer.config, wav, name=path), rate
+
+  def _melody_codes(self, melody_audio: Optional[MelodyAudio], sample_rate: int, batch: int
+                    ) -> Optional[np.ndarray]:
+    """T_mel `[batch, windows, melody_levels]` of the melody recording(s), each row's
+    windows looped to the longest row's count; None without a recording."""
+    if melody_audio is None:
+      return None
+    tokenizer = self._melody_tokenizer()
+    single = isinstance(melody_audio, np.ndarray) and melody_audio.ndim != 2
+    recordings = [np.asarray(w, np.float32) for w in ([melody_audio] if single
+                                                      else melody_audio)]
+    if len(recordings) not in (1, batch) or any(w.ndim != 1 for w in recordings):
+      raise ValueError(f"give one melody recording [samples] or one per row ({batch}); got "
+                       f"{len(recordings)} of shapes {sorted({w.shape for w in recordings})}")
     rate = tokenizer.config.sample_rate
     codes = []
     for i, recording in enumerate(recordings):

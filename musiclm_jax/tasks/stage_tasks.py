@@ -68,22 +68,26 @@ class CutWindows:
   """Preprocessor: each clip -> its windows' prefix and target ids, one example each.
 
   `conditioning_dropout` (training split only) drops the MuLan (and melody)
-  prefix of that fraction of windows, for classifier-free guidance. A
-  melody-conditioned stage also reads the clip's `melody` codes.
+  prefix of that fraction of windows, for classifier-free guidance;
+  `melody_dropout` the melody tokens alone of a fraction of the others
+  (`Stage.examples`). A melody-conditioned stage also reads the clip's
+  `melody` codes.
   """
 
-  def __init__(self, stage: stages.Stage, conditioning_dropout: float = 0.0):
+  def __init__(self, stage: stages.Stage, conditioning_dropout: float = 0.0,
+               melody_dropout: float = 0.0):
     self.stage = stage
     self.conditioning_dropout = conditioning_dropout
+    self.melody_dropout = melody_dropout
 
   def __call__(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-    stage, dropout = self.stage, self.conditioning_dropout
+    stage, dropout, melody_dropout = self.stage, self.conditioning_dropout, self.melody_dropout
 
     def windows(mulan, semantic, acoustic, split, seed, melody=None):
       train = split == b"train"
       rng = np.random.default_rng(seed.astype(np.int64).view(np.uint64)) if train else None
       clip = stages.ClipTokens(mulan=mulan, semantic=semantic, acoustic=acoustic, melody=melody)
-      return stage.examples(clip, rng, dropout)
+      return stage.examples(clip, rng, dropout, melody_dropout)
 
     @seqio.map_over_dataset(num_seeds=1)
     def cut(ex, seed):
@@ -98,7 +102,7 @@ class CutWindows:
 
 def register_stage_task(cache_dir: str, corpus: str, stage_name: str,
                         windows: stages.StageWindows, conditioning_dropout: float = 0.0,
-                        melody_conditioning: bool = False
+                        melody_conditioning: bool = False, melody_dropout: float = 0.0
                         ) -> tuple[seqio.Task, stages.Stage]:
   """(Re-)registers `<corpus>_<stage>` on the completed token cache of `corpus`."""
   task_dir = token_tasks.task_cache_dir(cache_dir, corpus)
@@ -125,7 +129,9 @@ def register_stage_task(cache_dir: str, corpus: str, stage_name: str,
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   task = seqio.TaskRegistry.add(
-      name, source=source, preprocessors=[cast_codes, _tokenized_only, CutWindows(stage, conditioning_dropout)],
+      name, source=source,
+      preprocessors=[cast_codes, _tokenized_only,
+                     CutWindows(stage, conditioning_dropout, melody_dropout)],
       output_features={"inputs": feature, "targets": feature},
       shuffle_buffer_size=SHUFFLE_BUFFER)
   return task, stage
@@ -133,7 +139,8 @@ def register_stage_task(cache_dir: str, corpus: str, stage_name: str,
 
 def register_stage(cache_dir: str, corpora: Mapping[str, float], stage_name: str,
                    windows: stages.StageWindows, conditioning_dropout: float = 0.0,
-                   melody_conditioning: bool = False) -> tuple[str, stages.Stage]:
+                   melody_conditioning: bool = False, melody_dropout: float = 0.0
+                   ) -> tuple[str, stages.Stage]:
   """Registers the stage task of every corpus, and their mixture when there are several.
 
   Returns the name to read (task or mixture) and the stage. All corpora must
@@ -142,7 +149,7 @@ def register_stage(cache_dir: str, corpora: Mapping[str, float], stage_name: str
   if not corpora:
     raise ValueError("no corpora given for the stage task")
   registered = {c: register_stage_task(cache_dir, c, stage_name, windows, conditioning_dropout,
-                                       melody_conditioning)
+                                       melody_conditioning, melody_dropout)
                 for c in corpora}
   stage = next(iter(registered.values()))[1]
   for corpus, (_, other) in registered.items():
@@ -171,6 +178,10 @@ class StageTask:
     windows: window seconds per stage.
     conditioning_dropout: fraction of training windows whose MuLan (and melody)
       prefix is replaced by pad (classifier-free guidance); 0 turns it off.
+    melody_dropout: with melody conditioning, the fraction of the other training
+      windows whose melody tokens alone are replaced by pad, so that a text
+      prompt without a recording is a prefix the model has seen; ignored
+      without melody conditioning.
     seed: shuffling, windows and mixture sampling.
     melody_conditioning: the semantic and coarse prefixes also hold the
       clip's melody tokens (the cache must have them); the fine stage ignores it.
@@ -180,13 +191,16 @@ class StageTask:
                corpora: Mapping[str, float] = gin.REQUIRED,
                windows: Optional[stages.StageWindows] = None,
                conditioning_dropout: float = 0.0, seed: int = 0,
-               melody_conditioning: bool = False):
-    if not 0.0 <= conditioning_dropout < 1.0:
-      raise ValueError(f"conditioning_dropout must be in [0, 1); got {conditioning_dropout}")
+               melody_conditioning: bool = False, melody_dropout: float = 0.0):
+    for name, value in (("conditioning_dropout", conditioning_dropout),
+                        ("melody_dropout", melody_dropout)):
+      if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1); got {value}")
     self.name, self.stage = register_stage(cache_dir, dict(corpora), stage,
                                            windows or stages.StageWindows(),
                                            conditioning_dropout,
-                                           melody_conditioning and stage != "fine")
+                                           melody_conditioning and stage != "fine",
+                                           melody_dropout)
     self.seed = seed
 
   @property
