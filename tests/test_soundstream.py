@@ -15,6 +15,9 @@ from musiclm_jax.layers.conv import CausalConv1d, CausalConvTranspose1d
 from musiclm_jax.tokenizers import codec_losses
 from musiclm_jax.tokenizers.discriminators import CodecDiscriminator
 from musiclm_jax.tokenizers.soundstream import SoundStreamCodec, SoundStreamConfig
+from musiclm_jax.training.codec import CodecModel
+from musiclm_jax.training.optimizers import Optimizer, gan_optimizer
+from musiclm_jax.training.train_state import TrainState
 
 RATE = 24000
 HOP = 480
@@ -286,27 +289,20 @@ def test_spectral_loss_and_metrics():
 
 
 def test_tiny_codec_overfits_a_chord(codec, variables):
+  """The trainer's codec step on reconstruction alone (`adversarial_warmup_steps=None`):
+  the mel distance halves in 40 steps and the discriminator is never run or moved."""
   weights = codec_losses.CodecLossWeights()
   assert (weights.adversarial, weights.feature_matching, weights.reconstruction,
           weights.commitment) == (1.0, 100.0, 1.0, 1.0)
   wav = jnp.asarray(chord(1.0))
-  optimizer = optax.adam(3e-3)
-
-  def loss_fn(params, quantizer, rng):
-    (wav_hat, quantized), updated = codec.module.apply(
-        {"params": params, "quantizer": quantizer}, wav, train=True,
-        rngs={"quantizer": rng}, mutable=["quantizer"])
-    loss = (weights.reconstruction * codec_losses.multi_scale_spectral_loss(wav, wav_hat)
-            + weights.commitment * quantized.commitment_loss)
-    return loss, updated["quantizer"]
-
-  @jax.jit
-  def train_step(params, quantizer, opt_state, step):
-    rng = jax.random.fold_in(jax.random.key(7), step)
-    (loss, quantizer), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, quantizer, rng)
-    updates, opt_state = optimizer.update(grads, opt_state)
-    return optax.apply_updates(params, updates), quantizer, opt_state, loss
+  model = CodecModel(codec.config, adversarial_warmup_steps=None)
+  discriminator = initialise(model.discriminator.init, jax.random.key(1), wav)["params"]
+  params = {"generator": variables["params"], "discriminator": discriminator}
+  adam = Optimizer(optax.adam(3e-3), optax.constant_schedule(3e-3))
+  optimizer = gan_optimizer(adam, adam)
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.tx.init(params),
+                     rng=jax.random.PRNGKey(7), model_state={"quantizer": variables["quantizer"]})
+  train_step = jax.jit(model.make_train_step(optimizer))
 
   @jax.jit
   def distance(params, quantizer):
@@ -315,14 +311,17 @@ def test_tiny_codec_overfits_a_chord(codec, variables):
     return codec_losses.mel_distance(wav, wav_hat)[0]
 
   initial = float(distance(variables["params"], variables["quantizer"]))
-  params, quantizer = variables["params"], variables["quantizer"]
-  opt_state = optimizer.init(params)
   start = time.time()
   losses = []
-  for step in range(40):
-    params, quantizer, opt_state, loss = train_step(params, quantizer, opt_state, step)
-    losses.append(float(loss))
-  final = float(distance(params, quantizer))
+  for _ in range(40):
+    state, metrics = train_step(state, {"audio": wav})
+    losses.append(float(metrics["loss"]))
+  assert float(metrics["adversarial_on"]) == 0.0
+  assert not {"discriminator_loss", "adversarial_loss", "feature_matching_loss"} & set(metrics)
+  for before, after in zip(jax.tree.leaves(discriminator),
+                           jax.tree.leaves(state.params["discriminator"])):
+    np.testing.assert_array_equal(before, after)
+  final = float(distance(state.params["generator"], state.model_state["quantizer"]))
   print(f"overfit: loss {losses[0]:.1f} -> {losses[-1]:.1f}, mel distance "
         f"{initial:.3f} -> {final:.3f} in {time.time() - start:.1f}s")
   assert final < 0.5 * initial

@@ -31,6 +31,12 @@ REMAT_POLICIES = {
 }
 
 
+def check_remat_policy(name: str) -> None:
+  """Raises ValueError unless `name` is one of `REMAT_POLICIES`."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy {name!r} is not one of {sorted(REMAT_POLICIES)}")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -49,9 +55,7 @@ class DecoderConfig:
   attention_implementation: str | None = None
 
   def __post_init__(self):
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy {self.remat_policy!r} is not one of "
-                       f"{sorted(REMAT_POLICIES)}")
+    check_remat_policy(self.remat_policy)
     if self.attention_implementation not in (None, "xla", "cudnn"):
       raise ValueError(f"attention_implementation {self.attention_implementation!r} "
                        "must be None, 'xla' or 'cudnn'")

@@ -45,7 +45,7 @@ from musiclm_jax.layers import spectral
 from musiclm_jax.layers.conformer import conformer_stack, layer_norm
 from musiclm_jax.layers.projection import Projection
 from musiclm_jax.layers.relative_position import RelativePositionBias
-from musiclm_jax.layers.transformer import HIDDEN_AXES, REMAT_POLICIES
+from musiclm_jax.layers.transformer import HIDDEN_AXES, check_remat_policy
 from musiclm_jax.training import steps
 from musiclm_jax.training.metrics import TrainCost
 from musiclm_jax.training.optimizers import Optimizer
@@ -106,9 +106,7 @@ class W2vBertConfig:
   def __post_init__(self):
     if self.mel_norm not in ("clip", "bin"):
       raise ValueError(f"mel_norm must be 'clip' or 'bin'; got {self.mel_norm!r}")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy {self.remat_policy!r} is not one of "
-                       f"{sorted(REMAT_POLICIES)}")
+    check_remat_policy(self.remat_policy)
     if self.num_contrastive_layers < 1 or self.num_mlm_layers < 1:
       raise ValueError("w2v-BERT needs at least one contrastive and one MLM layer; got "
                        f"{self.num_contrastive_layers} and {self.num_mlm_layers}")

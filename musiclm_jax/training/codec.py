@@ -12,12 +12,15 @@ the discriminator (STFT + multi-scale waveform) on the hinge loss against
 the generator's current output. For the first `adversarial_warmup_steps`
 the adversarial and feature-matching terms are off and the discriminator
 is frozen (its optimizer state too, so its learning-rate schedule starts
-with the adversarial phase), so the codec first learns to reconstruct. The
-RVQ's EMA codebooks are the state's `model_state["quantizer"]`.
+with the adversarial phase), so the codec first learns to reconstruct.
+`adversarial_warmup_steps=None` trains on reconstruction and commitment
+only: the step never runs the discriminator (which stays as initialised),
+so it is cheaper than a warm-up that lasts the whole run. The RVQ's EMA
+codebooks are the state's `model_state["quantizer"]`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import gin
 import jax
@@ -50,13 +53,14 @@ class CodecModel:
     discriminator: the discriminators (default: `CodecDiscriminator()` as
       bound in gin).
     loss_weights: weights of the generator's loss terms.
-    adversarial_warmup_steps: steps with reconstruction and commitment only.
+    adversarial_warmup_steps: steps with reconstruction and commitment only;
+      None: all of them, without running the discriminator.
   """
 
   def __init__(self, config: SoundStreamConfig = gin.REQUIRED,
                discriminator: CodecDiscriminator | None = None,
                loss_weights: codec_losses.CodecLossWeights | None = None,
-               adversarial_warmup_steps: int = 1000):
+               adversarial_warmup_steps: Optional[int] = 1000):
     self.config = config
     self.generator = SoundStream(config)
     self.discriminator = discriminator or CodecDiscriminator()
@@ -99,30 +103,32 @@ class CodecModel:
       raise ValueError("CodecModel does not accumulate gradients over microbatches "
                        f"(num_microbatches={num_microbatches}); lower train.batch_size")
     weights = self.loss_weights
+    adversarial = self.adversarial_warmup_steps is not None
 
     def train_step(state: TrainState, batch: Batch):
       wav = batch["audio"]
       rng = jax.random.fold_in(state.rng, state.step)
-      adversarial_on = (state.step >= self.adversarial_warmup_steps).astype(jnp.float32)
+      adversarial_on = ((state.step >= self.adversarial_warmup_steps).astype(jnp.float32)
+                        if adversarial else jnp.float32(0.0))
       disc_params = state.params["discriminator"]
       # Feature-matching targets: no gradient reaches the generator through them.
-      real = self.discriminator.apply({"params": disc_params}, wav)
+      real = self.discriminator.apply({"params": disc_params}, wav) if adversarial else None
 
       def generator_loss(gen_params):
         params = {"generator": gen_params, "discriminator": disc_params}
         wav_hat, quantized, model_state = self.reconstruct(
             params, state.model_state, wav, train=True, rng=rng)
-        fake = self.discriminator.apply({"params": disc_params}, wav_hat)
-        terms = {
-            "reconstruction": codec_losses.multi_scale_spectral_loss(wav, wav_hat),
-            "commitment": quantized.commitment_loss,
-            "adversarial": codec_losses.generator_hinge_loss([o.logits for o in fake]),
-            "feature_matching": codec_losses.feature_matching_loss(
-                [o.features for o in real], [o.features for o in fake])}
+        terms = {"reconstruction": codec_losses.multi_scale_spectral_loss(wav, wav_hat),
+                 "commitment": quantized.commitment_loss}
         loss = (weights.reconstruction * terms["reconstruction"]
-                + weights.commitment * terms["commitment"]
-                + adversarial_on * (weights.adversarial * terms["adversarial"]
-                                    + weights.feature_matching * terms["feature_matching"]))
+                + weights.commitment * terms["commitment"])
+        if adversarial:
+          fake = self.discriminator.apply({"params": disc_params}, wav_hat)
+          terms["adversarial"] = codec_losses.generator_hinge_loss([o.logits for o in fake])
+          terms["feature_matching"] = codec_losses.feature_matching_loss(
+              [o.features for o in real], [o.features for o in fake])
+          loss += adversarial_on * (weights.adversarial * terms["adversarial"]
+                                    + weights.feature_matching * terms["feature_matching"])
         return loss, (wav_hat, quantized, model_state, terms)
 
       (gen_loss, (wav_hat, quantized, model_state, terms)), gen_grads = jax.value_and_grad(
@@ -134,7 +140,12 @@ class CodecModel:
         return codec_losses.discriminator_hinge_loss([o.logits for o in real],
                                                      [o.logits for o in fake])
 
-      disc_loss, disc_grads = jax.value_and_grad(discriminator_loss)(disc_params)
+      if adversarial:
+        disc_loss, disc_grads = jax.value_and_grad(discriminator_loss)(disc_params)
+        disc_metrics = {"discriminator_loss": disc_loss,
+                        "discriminator_grad_norm": optax.tree.norm(disc_grads)}
+      else:
+        disc_grads, disc_metrics = jax.tree.map(jnp.zeros_like, disc_params), {}
       grads = {"generator": gen_grads, "discriminator": disc_grads}
       updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
@@ -145,11 +156,10 @@ class CodecModel:
       params = {"generator": params["generator"],
                 "discriminator": keep_discriminator(params["discriminator"], disc_params)}
       opt_state = _merge_discriminator_state(opt_state, state.opt_state, keep_discriminator)
-      metrics = {"loss": gen_loss, "discriminator_loss": disc_loss,
+      metrics = {"loss": gen_loss, **disc_metrics,
                  "adversarial_on": adversarial_on,
                  "mel_distance": jnp.mean(codec_losses.mel_distance(wav, wav_hat)),
                  "generator_grad_norm": optax.tree.norm(gen_grads),
-                 "discriminator_grad_norm": optax.tree.norm(disc_grads),
                  "learning_rate": optimizer.schedule(state.step),
                  **{f"{k}_loss": v for k, v in terms.items()},
                  **{f"quantizer/{k}": v for k, v in quantized.metrics.items()}}
