@@ -294,7 +294,7 @@ def test_tiny_codec_overfits_a_chord(codec, variables):
   weights = codec_losses.CodecLossWeights()
   assert (weights.adversarial, weights.feature_matching, weights.reconstruction,
           weights.commitment) == (1.0, 100.0, 1.0, 1.0)
-  wav = jnp.asarray(chord(1.0))
+  wav = jnp.asarray(chord(0.5))
   model = CodecModel(codec.config, adversarial_warmup_steps=None)
   discriminator = initialise(model.discriminator.init, jax.random.key(1), wav)["params"]
   params = {"generator": variables["params"], "discriminator": discriminator}
