@@ -12,13 +12,11 @@ import shutil
 import subprocess
 import sys
 
-import gin
 import numpy as np
 import pytest
 import soundfile
 
 from musiclm_jax import audio
-from musiclm_jax import main as cli
 from musiclm_jax import stages
 from musiclm_jax import vocab
 from musiclm_jax.eval import melody as melody_eval
@@ -30,7 +28,6 @@ from musiclm_jax.tasks import stage_tasks
 from musiclm_jax.tasks import token_tasks
 from musiclm_jax.tokenizers import frozen
 from musiclm_jax.tokenizers import melody as melody_lib
-from musiclm_jax.training import trainer
 import tiny_tokenizers
 
 LAYOUT = vocab.TokenLayout(mulan_levels=12, mulan_codebook_size=4, semantic_codebook_size=16,
@@ -339,29 +336,9 @@ def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name
 @pytest.fixture(scope="module")
 def bundle_dir(cache, tokenizer_dirs, tmp_path_factory):
   """Melody-conditioned stages, untrained (step 0), exported with the melody encoder."""
-  cache_dir, _ = cache
-  root = tmp_path_factory.mktemp("stages")
-  for module in cli.GIN_MODULES["train"]:
-    __import__(module)
-  runs = {}
-  for name in stages.STAGE_NAMES:
-    gin.clear_config()
-    runs[name] = str(root / name)
-    cli.parse_gin(["gin/stages/tiny.gin", f"gin/stages/{name}.gin"],
-                  [f"MODEL_DIR = '{runs[name]}'", f"TOKENS_DIR = '{cache_dir}'",
-                   "CORPORA = {'gm': 1.0}", "NUM_STEPS = 0", "MELODY_CONDITIONING = True",
-                   f"StageWindows.semantic_seconds = {WINDOWS.semantic_seconds}",
-                   f"StageWindows.coarse_seconds = {WINDOWS.coarse_seconds}",
-                   f"StageWindows.fine_seconds = {WINDOWS.fine_seconds}",
-                   "DecoderConfig.dtype = 'float32'"])
-    trainer.train()  # pylint: disable=no-value-for-parameter
-  gin.clear_config()
-  output = str(root / "bundle")
-  bundle.export_bundle(bundle.BundleRuns(soundstream=tokenizer_dirs.soundstream,
-                                         w2v_bert=tokenizer_dirs.semantic,
-                                         mulan=tokenizer_dirs.mulan, melody=tokenizer_dirs.melody,
-                                         **runs), output)
-  return output, runs
+  return tiny_tokenizers.untrained_stage_bundle(cache[0], tokenizer_dirs, WINDOWS,
+                                                str(tmp_path_factory.mktemp("stages")),
+                                                melody_conditioning=True)
 
 
 @pytest.fixture(scope="module")

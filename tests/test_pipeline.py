@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 
-import gin
 
 import jax
 import numpy as np
@@ -326,28 +325,8 @@ def test_missing_cache_is_a_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def bundle_dir(cache, tokenizer_dirs, tmp_path_factory):
   """The three stages untrained (step 0) on the cache, exported with the tokenizers."""
-  cache_dir, _ = cache
-  root = tmp_path_factory.mktemp("stages")
-  for module in cli.GIN_MODULES["train"]:
-    __import__(module)
-  runs = {}
-  for name in stages.STAGE_NAMES:
-    gin.clear_config()
-    runs[name] = str(root / name)
-    cli.parse_gin(["gin/stages/tiny.gin", f"gin/stages/{name}.gin"],
-                  [f"MODEL_DIR = '{runs[name]}'", f"TOKENS_DIR = '{cache_dir}'",
-                   "CORPORA = {'gm': 1.0}", "NUM_STEPS = 0",
-                   f"StageWindows.semantic_seconds = {WINDOWS.semantic_seconds}",
-                   f"StageWindows.coarse_seconds = {WINDOWS.coarse_seconds}",
-                   f"StageWindows.fine_seconds = {WINDOWS.fine_seconds}",
-                   "DecoderConfig.dtype = 'float32'"])
-    trainer.train()  # pylint: disable=no-value-for-parameter
-  gin.clear_config()
-  output = str(root / "bundle")
-  bundle.export_bundle(bundle.BundleRuns(soundstream=tokenizer_dirs.soundstream,
-                                         w2v_bert=tokenizer_dirs.semantic,
-                                         mulan=tokenizer_dirs.mulan, **runs), output)
-  return output, runs
+  return tiny_tokenizers.untrained_stage_bundle(cache[0], tokenizer_dirs, WINDOWS,
+                                                str(tmp_path_factory.mktemp("stages")))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ import sys
 import gin
 
 from musiclm_jax import main as cli
+from musiclm_jax import stages
 from musiclm_jax.corpora import melody_pairs
+from musiclm_jax.sampling import bundle
 from musiclm_jax.tokenizers import frozen
 from musiclm_jax.tokenizers import melody
 from musiclm_jax.tokenizers import mulan_cli
@@ -137,6 +139,35 @@ def shared_tiny_tokenizers(corpus_dir: str, with_melody: bool = False) -> frozen
   if with_melody:
     dirs["melody"] = os.path.join(root, "melody")
   return frozen.TokenizerDirs(**dirs)
+
+
+def untrained_stage_bundle(cache_dir: str, dirs: frozen.TokenizerDirs, windows, root: str,
+                           melody_conditioning: bool = False) -> tuple[str, dict[str, str]]:
+  """The three stages untrained (`musiclm train` of gin/stages/tiny.gin with
+  num_steps 0, float32) on the `gm` corpus of a token cache, exported with the
+  tokenizers (and the melody encoder when melody-conditioned) as
+  `root/bundle`. Returns the bundle and the stage runs."""
+  for module in cli.GIN_MODULES["train"]:
+    __import__(module)
+  runs = {}
+  for name in stages.STAGE_NAMES:
+    gin.clear_config()
+    runs[name] = os.path.join(root, name)
+    cli.parse_gin(["gin/stages/tiny.gin", f"gin/stages/{name}.gin"],
+                  [f"MODEL_DIR = '{runs[name]}'", f"TOKENS_DIR = '{cache_dir}'",
+                   "CORPORA = {'gm': 1.0}", "NUM_STEPS = 0",
+                   f"MELODY_CONDITIONING = {melody_conditioning}",
+                   f"StageWindows.semantic_seconds = {windows.semantic_seconds}",
+                   f"StageWindows.coarse_seconds = {windows.coarse_seconds}",
+                   f"StageWindows.fine_seconds = {windows.fine_seconds}",
+                   "DecoderConfig.dtype = 'float32'"])
+    trainer.train()  # pylint: disable=no-value-for-parameter
+  gin.clear_config()
+  output = os.path.join(root, "bundle")
+  bundle.export_bundle(bundle.BundleRuns(
+      soundstream=dirs.soundstream, w2v_bert=dirs.semantic, mulan=dirs.mulan,
+      melody=dirs.melody if melody_conditioning else None, **runs), output)
+  return output, runs
 
 
 if __name__ == "__main__":
