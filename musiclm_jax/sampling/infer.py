@@ -158,6 +158,7 @@ def infer(generator: Generator, prompts_path: str, output_dir: str, batch_size: 
   done = finished_ids(output_dir)
   todo = [item for item in mine if item["id"] not in done]
   skipped_path = os.path.join(output_dir, skipped_file(process_index, process_count))
+  bad_lines = len(skipped)
   if process_index != 0:
     skipped = []  # the prompt file's bad lines are process 0's to list
   with open(skipped_path, "w", encoding="utf-8") as f:
@@ -167,7 +168,7 @@ def infer(generator: Generator, prompts_path: str, output_dir: str, batch_size: 
     key = (len(item["segments"]), round(sum(s for _, s in item["segments"]), 6),
            item["melody"] is not None)
     groups[key].append(item)
-  print(f"infer: {len(items)} items ({len(skipped)} skipped lines); this process owns "
+  print(f"infer: {len(items)} items ({bad_lines} skipped lines); this process owns "
         f"{len(mine)}, {len(mine) - len(todo)} already done, {len(todo)} to generate",
         flush=True)
   started, generated, refused_items, audio_seconds = time.time(), 0, 0, 0.0
@@ -180,9 +181,9 @@ def infer(generator: Generator, prompts_path: str, output_dir: str, batch_size: 
         with open(skipped_path, "a", encoding="utf-8") as f:
           f.writelines(json.dumps(s) + "\n" for s in refused)
       if batch:
+        melody = {"melody_audio": melodies, "melody_sample_rate": rate} if melodies else {}
         result = generator.generate([item["segments"] for item in batch],
-                                    [item["seed"] for item in batch],
-                                    melody_audio=melodies or None, melody_sample_rate=rate)
+                                    [item["seed"] for item in batch], **melody)
         for row, item in enumerate(batch):
           tokens = {"semantic": result.semantic[row], "acoustic": result.acoustic[row],
                     "mulan": result.mulan[row]}
