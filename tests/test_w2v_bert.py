@@ -18,8 +18,10 @@ import pytest
 from musiclm_jax import audio
 from musiclm_jax.eval import semantic as semantic_eval
 from musiclm_jax.partitioning import Partitioner
+from musiclm_jax.sampling import bundle
 from musiclm_jax.tokenizers import semantic
 from musiclm_jax.tokenizers import w2v_bert
+from musiclm_jax.training import checkpoints
 from musiclm_jax.training import optimizers
 from musiclm_jax.training.checkpoints import Checkpointer
 from musiclm_jax.training.metrics import read_jsonl_metrics
@@ -352,16 +354,48 @@ def test_nmi_and_usage_through_evaluate_tokens():
 
   report = semantic_eval.evaluate_tokens(perfect, 4096 * 7 + 3, clips)
   assert report["nmi"]["pitch_classes"] == pytest.approx(1.0)
+  assert report["ami"]["pitch_classes"] == pytest.approx(1.0)
   assert report["nmi_shuffled_labels"]["pitch_classes"] < 0.5
+  # Random tokens over many clusters: a sizeable NMI from the finite sample alone,
+  # an AMI near zero.
+  random_tokens = np.random.default_rng(0).integers(0, 64, len(truth["chord_root"]))
+  noise = semantic_eval.label_nmi(random_tokens, {"chord_root": truth["chord_root"]})
+  assert noise["nmi"]["chord_root"] > 0.1 and abs(noise["ami"]["chord_root"]) < 0.05
   assert report["used_clusters"] == len(np.unique(truth["pitch_classes"]))
   assert report["stability"]["gain_mean"] == 1.0
   constant = semantic_eval.evaluate_tokens(
       lambda wav: np.zeros((1, wav.shape[1] // 640), np.int32), 16, clips)
   assert all(v == 0.0 for v in constant["nmi"].values())
+  assert all(v == pytest.approx(0.0) for v in constant["ami"].values())
   assert constant["perplexity"] == 1.0 and constant["used_clusters"] == 1
   assert constant["stability"]["gain_mean"] == constant["stability"]["delay_mean"] == 1.0
   with pytest.raises(ValueError, match="shape"):
     semantic_eval.label_nmi(np.zeros(5), {"x": np.zeros(6)})
+
+
+def test_tokenizer_and_export_read_the_step_the_kmeans_was_fitted_on(fitted_dir, tmp_path):
+  model_dir, manifest = fitted_dir
+  run = str(tmp_path / "run")
+  shutil.copytree(model_dir, run)
+  variables, checkpoint_manifest = checkpoints.load_trained_variables(run)
+  fitted_step = checkpoint_manifest.pop("step")
+  assert manifest[checkpoints.FITTED_STEP] == fitted_step
+  # Training goes on after the fit: a newer checkpoint with other parameters.
+  later = Checkpointer(os.path.join(run, "checkpoints"), async_save=False)
+  later.save(fitted_step + 10, {"params": jax.tree.map(lambda p: p * 0.5, variables["params"])},
+             {}, checkpoint_manifest)
+  later.close()
+  wav = melody(np.random.default_rng(5), 2.0)[None]
+  expected = np.asarray(semantic.SemanticTokenizer.load(model_dir).semantic_tokens(wav))
+  np.testing.assert_array_equal(semantic.SemanticTokenizer.load(run).semantic_tokens(wav),
+                                expected)
+  newest = semantic.FeatureExtractor(*semantic.load_w2v_bert(run)[:2], manifest["mlm_layer"])
+  assert not np.allclose(newest(wav), semantic.SemanticTokenizer.load(run).features(wav))
+  exported = str(tmp_path / "bundle_w2v_bert")
+  copied = bundle._copy_model(run, "w2v_bert", exported)  # pylint: disable=protected-access
+  assert copied["step"] == fitted_step
+  np.testing.assert_array_equal(semantic.SemanticTokenizer.load(exported).semantic_tokens(wav),
+                                expected)
 
 
 def test_baseline_is_fitted_on_the_same_frame_times():
@@ -390,7 +424,9 @@ def test_evaluation_report_on_the_trained_model(fitted_dir):
   assert report["baseline_fit"]["used_clusters"] >= 8
   for method in ("semantic", "log_mel_kmeans"):
     result = report[method]
-    assert set(result["nmi"]) == set(result["nmi_shuffled_labels"]) == set(semantic_eval.LABELS)
+    assert (set(result["nmi"]) == set(result["nmi_shuffled_labels"]) == set(result["ami"])
+            == set(semantic_eval.LABELS))
+    assert all(-0.1 <= v <= 1.0 for v in result["ami"].values())
     assert set(result["stability"]) == {"gain_-3dB", "gain_+3dB", "gain_mean", "delay_mean",
                                         *(f"delay_{s}ms" for s in range(1, 6))}
     values = [result["perplexity"], *result["nmi"].values(),
@@ -401,15 +437,16 @@ def test_evaluation_report_on_the_trained_model(fitted_dir):
   baseline = report["log_mel_kmeans"]
   for label in ("pitch_classes", "chord_root", "drum_onset"):
     assert baseline["nmi"][label] > 1.5 * baseline["nmi_shuffled_labels"][label] + 0.02, label
+    assert baseline["ami"][label] > 0.02, label
   # The layer sweep scores every layer's k-means on the same frames.
   assert list(report["layers"]) == ["input", "contrastive_1", "mlm_1", "mlm_2"]
   for result in report["layers"].values():
-    assert set(result["nmi"]) == set(semantic_eval.LABELS)
+    assert set(result["nmi"]) == set(result["ami"]) == set(semantic_eval.LABELS)
     assert all(0.0 <= v <= 1.0 for v in result["nmi"].values())
     assert 1.0 <= result["perplexity"] <= result["used_clusters"] <= 16
   json.dumps(report)  # JSON-able
   text = semantic_eval.format_report(report)
-  assert "NMI chord_root" in text and "contrastive_1" in text
+  assert "NMI chord_root" in text and "AMI chord_root" in text and "contrastive_1" in text
 
 
 def test_layer_outputs_are_the_hidden_states_of_each_layer(fitted_dir):

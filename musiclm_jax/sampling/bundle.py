@@ -58,6 +58,10 @@ AUXILIARY_FILES = {
               mulan_tokens.TEXT_TOKENIZER_FILE),
     "melody": (melody.RVQ_FILE, melody.RVQ_MANIFEST_FILE),
 }
+# The side file whose manifest names the checkpoint step it was fitted on.
+FITTED_MANIFESTS = {"w2v_bert": semantic.KMEANS_MANIFEST_FILE,
+                    "mulan": mulan_tokens.RVQ_MANIFEST_FILE,
+                    "melody": melody.RVQ_MANIFEST_FILE}
 
 
 class BundleError(ValueError):
@@ -89,8 +93,11 @@ class StageModel:
 
 
 def _copy_model(run_dir: str, name: str, target: str) -> dict[str, Any]:
-  """Re-saves a run's newest variables (no optimizer state) and its side files."""
-  variables, manifest = checkpoints.load_trained_variables(run_dir)
+  """Re-saves a run's variables (no optimizer state) and its side files: of the
+  step its k-means or RVQ was fitted on, else of the newest step."""
+  step = (checkpoints.fitted_step(os.path.join(run_dir, FITTED_MANIFESTS[name]))
+          if name in FITTED_MANIFESTS else None)
+  variables, manifest = checkpoints.load_trained_variables(run_dir, step)
   step = manifest.pop("step")
   state = {"params": variables["params"]}
   model_state = {k: v for k, v in variables.items() if k != "params"}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -506,16 +507,22 @@ class MelodyTokenizer:
     self.variables = {"params": variables["params"]}
     self.codebooks = None if codebooks is None else jnp.asarray(codebooks, jnp.float32)
     self.batch_size = batch_size
+    self.checkpoint_step = None  # set by `load`: the step read
     self._embed = jax.jit(functools.partial(melody_embeddings, model))
 
   @classmethod
   def load(cls, model_dir: str, step: int | None = None, with_rvq: bool = True,
            batch_size: int = 32) -> "MelodyTokenizer":
-    """A trained run: its checkpoint and (when `with_rvq`) `melody_rvq.npz`."""
+    """A trained run: its checkpoint and (when `with_rvq`) `melody_rvq.npz`. The
+    step defaults to the one the RVQ was fitted on (with the RVQ), else the newest."""
     from musiclm_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+    if step is None and with_rvq:
+      step = checkpoints.fitted_step(os.path.join(model_dir, RVQ_MANIFEST_FILE))
     variables, manifest = checkpoints.load_trained_variables(model_dir, step)
     model = MelodyModel(config_from_manifest(manifest))
-    return cls(model, variables, load_rvq(model_dir) if with_rvq else None, batch_size)
+    loaded = cls(model, variables, load_rvq(model_dir) if with_rvq else None, batch_size)
+    loaded.checkpoint_step = manifest["step"]
+    return loaded
 
   def embeddings(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
     """float32 `[B, windows, embed_dim]` of `wav [B, samples]` (or `[samples]`),
@@ -540,13 +547,16 @@ def fit_rvq(model_dir: str, data_dir: str, max_clips: int | None = None) -> dict
   """Fits the RVQ (sizes from gin `fit_melody_rvq`) on the window embeddings of
   the train clips of a `melody_renditions` corpus and saves it to
   `MODEL_DIR/melody_rvq.npz`; returns the report."""
+  from musiclm_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   tokenizer = MelodyTokenizer.load(model_dir, with_rvq=False)
   clips = melody_pairs.load_split(data_dir, "train")["audio"][:max_clips]
   rate = melody_pairs.read_manifest(data_dir)["sample_rate"]
   embeddings = tokenizer.embeddings(clips, rate)
   return embedding_rvq.fit_and_save(RVQ_FILES, model_dir,
                                     embeddings.reshape(-1, embeddings.shape[-1]),
-                                    fit_melody_rvq, {"data_dir": data_dir})
+                                    fit_melody_rvq,
+                                    {"data_dir": data_dir,
+                                     checkpoints.FITTED_STEP: tokenizer.checkpoint_step})
 
 
 # ---------------------------------------------------------------- task

@@ -17,6 +17,7 @@ from musiclm_jax import audio as audio_lib
 from musiclm_jax.eval import retrieval
 from musiclm_jax.tasks import mulan_task
 from musiclm_jax.tokenizers import mulan_tokens
+from musiclm_jax.training import checkpoints
 
 
 def embed_split(tokenizer: mulan_tokens.MulanTokenizer, corpus_dir: str, split: str,
@@ -41,7 +42,7 @@ def fit_rvq(model_dir: str, corpus_dir: str, max_clips: int | None = None) -> di
   embeddings, _ = embed_split(tokenizer, corpus_dir, "train", max_clips)
   print(f"Fitting the MuLan RVQ on {len(embeddings)} train clip embeddings", flush=True)
   codebooks, report = mulan_tokens.fit_mulan_rvq(embeddings)
-  report["corpus_dir"] = corpus_dir
+  report.update(corpus_dir=corpus_dir, **{checkpoints.FITTED_STEP: tokenizer.checkpoint_step})
   path = mulan_tokens.save_rvq(model_dir, codebooks, report)
   print(f"MuLan RVQ {report['num_levels']} x {report['codebook_size']} -> {path}; relative "
         f"error after 1 / all levels: {report['relative_error'][0]:.3f} / "

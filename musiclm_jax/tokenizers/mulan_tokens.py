@@ -82,19 +82,25 @@ class MulanTokenizer:
     self.text_tokenizer = text_tokenizer
     self.codebooks = None if codebooks is None else jnp.asarray(codebooks, jnp.float32)
     self.batch_size = batch_size
+    self.checkpoint_step = None  # set by `load`: the step read
     self._embed_clips, self._embed_text = _jitted_embedders(model.config)
 
   @classmethod
   def load(cls, model_dir: str, step: int | None = None, with_rvq: bool = True,
            batch_size: int = 32) -> "MulanTokenizer":
     """A trained run: its checkpoint, `text_tokenizer.model` and (when
-    `with_rvq`) `mulan_rvq.npz`."""
+    `with_rvq`) `mulan_rvq.npz`. The step defaults to the one the RVQ was
+    fitted on (with the RVQ), else the newest."""
     from musiclm_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+    if step is None and with_rvq:
+      step = checkpoints.fitted_step(os.path.join(model_dir, RVQ_MANIFEST_FILE))
     variables, manifest = checkpoints.load_trained_variables(model_dir, step)
     model = MulanModel(config_from_manifest(manifest))
     tokenizer = text_lib.TextTokenizer(os.path.join(model_dir, TEXT_TOKENIZER_FILE))
-    return cls(model, variables, tokenizer, load_rvq(model_dir) if with_rvq else None,
-               batch_size)
+    loaded = cls(model, variables, tokenizer, load_rvq(model_dir) if with_rvq else None,
+                 batch_size)
+    loaded.checkpoint_step = manifest["step"]
+    return loaded
 
   # -- embeddings --------------------------------------------------------------
   def audio_embeddings(self, wav: np.ndarray, sample_rate: int,

@@ -233,7 +233,7 @@ def fit_semantic_kmeans(model_dir: str, batches: Iterable[Mapping[str, np.ndarra
   fitted.save(os.path.join(model_dir, KMEANS_FILE))
   kmeans_manifest = {
       "format": KMEANS_FORMAT,
-      "checkpoint_step": step,  # None: the newest
+      checkpoints.FITTED_STEP: manifest["step"],
       "checkpoint_manifest_model_config": manifest["model_config"],
       "mlm_layer": extractor.mlm_layer, "feature_dtype": extractor.dtype,
       "num_clusters": num_clusters, "num_frames": int(frames.shape[0]),
@@ -270,9 +270,12 @@ class SemanticTokenizer:
     self._tokens = jax.jit(lambda p, wav: fitted.assign(extractor.apply(p, wav)))
 
   @classmethod
-  def load(cls, model_dir: str, step: int | None = None) -> "SemanticTokenizer":
+  def load(cls, model_dir: str) -> "SemanticTokenizer":
+    """The w2v-BERT checkpoint the k-means was fitted on (the newest for a fit
+    that did not record its step) and the k-means."""
     kmeans_manifest = read_kmeans_manifest(model_dir)
-    model, params, manifest = load_w2v_bert(model_dir, step)
+    model, params, manifest = load_w2v_bert(model_dir,
+                                            kmeans_manifest.get(checkpoints.FITTED_STEP))
     if manifest["model_config"] != kmeans_manifest["checkpoint_manifest_model_config"]:
       raise SemanticKMeansError(f"{KMEANS_FILE} in {model_dir} was fitted on a w2v-BERT "
                                 "of another configuration; fit it again")

@@ -14,6 +14,7 @@ checkpoint). Restoring takes an abstract state whose leaves carry the
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -23,6 +24,10 @@ import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA, MANIFEST = "state", "data_iterator", "manifest"
+# What a file fitted on a run's features (semantic k-means, MuLan and melody
+# RVQ) records in its JSON manifest: the checkpoint step it was fitted on,
+# which its loaders and `musiclm export` then read instead of the newest.
+FITTED_STEP = "checkpoint_step"
 
 
 @gin.configurable
@@ -154,3 +159,14 @@ def load_trained_variables(model_dir: str, step: int | None = None
   state = restored[STATE]
   manifest = dict(restored[MANIFEST], step=step)
   return {"params": state["params"], **(state.get("model_state") or {})}, manifest
+
+
+def fitted_step(fitted_manifest: str) -> int | None:
+  """The checkpoint step recorded (as `FITTED_STEP`) by the JSON manifest of a
+  file fitted on a run's features; None when the file or the entry is missing
+  (files fitted before steps were recorded: the newest checkpoint)."""
+  if not os.path.isfile(fitted_manifest):
+    return None
+  with open(fitted_manifest, encoding="utf-8") as f:
+    return json.load(f).get(FITTED_STEP)
+
