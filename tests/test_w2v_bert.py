@@ -136,6 +136,27 @@ def test_one_second_is_25_frames():
         {"params": p}, wav, jnp.zeros((2, 24), bool), jnp.ones(())), params)
 
 
+@pytest.mark.parametrize("freq_stride,bins", [(2, 20), (1, 80)])
+def test_subsampling_keeps_the_mel_bins_its_frequency_stride_leaves(freq_stride, bins):
+  config = tiny_config(subsampling_freq_stride=freq_stride)
+  model = w2v_bert.W2vBertModel(config, mask_start_prob=0.15, mask_span=3, num_negatives=8)
+  wav = np.stack([melody(np.random.default_rng(i), 1.0) for i in range(2)])
+  params = nn.unbox(jax.eval_shape(lambda r: model.init_variables(r, {"audio": wav}),
+                                   jax.random.PRNGKey(0)))["params"]
+  projection = params["subsampling"]["proj"]["kernel"]
+  assert projection.shape == (bins * 8, 32)  # 80 mel bins / stride², 8 channels -> d_model
+  assert jax.eval_shape(lambda p: model.hidden_states(p, wav), params).shape == (2, 25, 32)
+  # The cost model counts the projection's multiply-adds per frame.
+  other = 3 - freq_stride
+  other_bins = 80 // other**2
+  difference = (config.frame_matmul_params()
+                - tiny_config(subsampling_freq_stride=other).frame_matmul_params())
+  assert difference == (2 * (80 // freq_stride - 80 // other) * 9 * 8
+                        + (bins - other_bins) * 9 * 8 * 8 + (bins - other_bins) * 8 * 32)
+  with pytest.raises(ValueError, match="subsampling_freq_stride"):
+    tiny_config(subsampling_freq_stride=4)
+
+
 def test_feature_layer_rule_scales_the_papers_7_of_12():
   assert [tiny_config(num_mlm_layers=n).semantic_layer for n in (1, 2, 4, 6, 12, 24)] == [
       1, 1, 2, 4, 7, 14]

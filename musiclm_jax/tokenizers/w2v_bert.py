@@ -2,9 +2,11 @@
 
 16 kHz audio -> log-mel (80 bins, 10 ms hop) -> per-clip normalisation
 (`W2vBertConfig.mel_norm`)
--> two stride-2 3x3 convolutions (x4 subsampling: 25 frames/s, one frame
-per 640 samples) -> linear to `d_model` -> the *contrastive module*
-(Conformer blocks) -> the *MLM module* (more Conformer blocks).
+-> two 3x3 convolutions of stride 2 in time (x4 subsampling: 25 frames/s,
+one frame per 640 samples) and 2 or 1 over the mel bins
+(`W2vBertConfig.subsampling_freq_stride`) -> linear to `d_model` -> the
+*contrastive module* (Conformer blocks) -> the *MLM module* (more Conformer
+blocks).
 
 Pre-training, on span-masked input (`span_mask`):
 
@@ -81,6 +83,10 @@ class W2vBertConfig:
       and keeps the spectral shape; "bin": subtract each bin's mean over time
       (speech's cepstral mean normalisation), which also removes a note or
       chord held through the clip (worse on music, see `W2vBertModel`).
+    subsampling_freq_stride: stride over mel bins of each of the two
+      subsampling convolutions. 2 (the speech Conformer's) keeps a quarter
+      of the bins; 1 keeps every bin, the pitch resolution music needs (see
+      `gin/tokenizers/w2v_bert_cpu.gin`) at a larger input projection.
   """
   d_model: int = 64
   num_heads: int = 4
@@ -91,6 +97,7 @@ class W2vBertConfig:
   num_mlm_layers: int = 2
   n_mels: int = 80
   subsampling_channels: int = 32
+  subsampling_freq_stride: int = 2
   codebook_size: int = 1024
   code_dim: int = 256
   projection_dim: int = 256
@@ -113,6 +120,9 @@ class W2vBertConfig:
     if self.feature_layer is not None and not 1 <= self.feature_layer <= self.num_mlm_layers:
       raise ValueError(f"feature_layer {self.feature_layer} is outside the MLM module's "
                        f"layers 1..{self.num_mlm_layers}")
+    if self.subsampling_freq_stride not in (1, 2):
+      raise ValueError("subsampling_freq_stride must be 1 or 2; got "
+                       f"{self.subsampling_freq_stride}")
     if self.conv_kernel_size % 2 == 0:
       raise ValueError(f"conv_kernel_size must be odd (centred); got {self.conv_kernel_size}")
     jnp.dtype(self.dtype)  # raises on an unknown dtype name
@@ -140,7 +150,8 @@ class W2vBertConfig:
   def frame_matmul_params(self) -> int:
     """Multiply-adds per 25 Hz frame outside attention's score/value products."""
     d, c = self.d_model, self.subsampling_channels
-    mels_1, mels_2 = math.ceil(self.n_mels / 2), math.ceil(self.n_mels / 4)
+    stride = self.subsampling_freq_stride
+    mels_1, mels_2 = math.ceil(self.n_mels / stride), math.ceil(self.n_mels / stride**2)
     subsampling = 2 * mels_1 * 9 * c + mels_2 * 9 * c * c + mels_2 * c * d
     attention = 4 * d * self.num_heads * self.head_dim
     layer = 4 * d * self.d_ff + attention + 3 * d * d + self.conv_kernel_size * d
@@ -243,19 +254,21 @@ class W2vBertOutput(NamedTuple):
 
 
 class ConvSubsampling(nn.Module):
-  """Log-mel `[batch, 4 * frames, n_mels]` -> `[batch, frames, d_model]`."""
+  """Log-mel `[batch, 4 * frames, n_mels]` -> `[batch, frames, d_model]`: two 3x3
+  convolutions of stride 2 in time and `freq_stride` over the bins."""
   channels: int
   d_model: int
   dtype: Any
+  freq_stride: int = 2
 
   @nn.compact
   def __call__(self, mel: jax.Array) -> jax.Array:
     h = mel[..., None].astype(self.dtype)
     for i in range(2):
-      h = nn.Conv(self.channels, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype,
-                  param_dtype=jnp.float32, name=f"conv_{i}")(h)
+      h = nn.Conv(self.channels, (3, 3), strides=(2, self.freq_stride), padding="SAME",
+                  dtype=self.dtype, param_dtype=jnp.float32, name=f"conv_{i}")(h)
       h = nn.relu(h)
-    h = h.reshape(h.shape[0], h.shape[1], -1)  # [batch, frames, mels / 4 * channels]
+    h = h.reshape(h.shape[0], h.shape[1], -1)  # [batch, frames, mels / stride² * channels]
     h = Projection((self.d_model,), (None, "embed"), dtype=self.dtype, name="proj")(h)
     return nn.with_logical_constraint(h, HIDDEN_AXES)
 
@@ -314,7 +327,8 @@ class W2vBert(nn.Module):
   def setup(self):
     cfg = self.config
     dtype = cfg.compute_dtype
-    self.subsampling = ConvSubsampling(cfg.subsampling_channels, cfg.d_model, dtype)
+    self.subsampling = ConvSubsampling(cfg.subsampling_channels, cfg.d_model, dtype,
+                                       cfg.subsampling_freq_stride)
     self.feature_norm = layer_norm(dtype, None)
     self.relpos_bias = RelativePositionBias(cfg.num_heads, cfg.relpos_num_buckets,
                                             cfg.relpos_max_distance, dtype)
