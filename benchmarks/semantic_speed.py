@@ -12,7 +12,9 @@ JSON object per size:
 
 Needs only jax, flax, optax, numpy and gin-config (no TensorFlow):
 
-  python3 benchmarks/semantic_speed.py --sizes tiny,small --batch_size 8 --seconds 10
+  python3 benchmarks/semantic_speed.py --sizes tiny,cpu,small --batch_size 8 --seconds 10
+
+(each size is a `gin/tokenizers/w2v_bert_<size>.gin` file).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def config_of_size(size: str, dtype: str) -> w2v_bert.W2vBertConfig:
   gin.clear_config()
+  gin.add_config_file_search_path(os.path.dirname(GIN_DIR))  # for includes (cpu: tiny)
   gin.parse_config_file(os.path.join(GIN_DIR, f"w2v_bert_{size}.gin"), skip_unknown=True)
   gin.parse_config(f"W2vBertConfig.dtype = '{dtype}'")
   return w2v_bert.W2vBertConfig()

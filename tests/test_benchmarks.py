@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Makes `import tensorflow` (and so seqio, clu's summary writer) fail.
@@ -47,3 +49,17 @@ def test_sample_speed_runs_without_tensorflow():
   # (its sign is up to the machine's load, so it is not asserted).
   expected = (step[0]["total_ms"] - step[0]["prefill_ms"]) / 7
   assert abs(step[0]["ms_per_step"] - expected) < 1e-3
+
+
+def test_semantic_speed_reads_gin_files_with_includes_without_tensorflow():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(
+      [sys.executable, "-c", NO_TF, "benchmarks/semantic_speed.py", "--sizes", "tiny,cpu",
+       "--batch_size", "1", "--seconds", "1", "--repeats", "1"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = {r["size"]: r for r in map(json.loads, result.stdout.strip().splitlines())}
+  # w2v_bert_cpu.gin includes the tiny file and overrides its semantic layer.
+  assert (rows["tiny"]["mlm_layer"], rows["cpu"]["mlm_layer"]) == (1, 2)
+  for row in rows.values():
+    assert row["audio_s_per_sec"] == pytest.approx(1.0 / (row["batch_ms"] / 1000))
