@@ -300,7 +300,9 @@ def test_trainer_trains_and_tokenizer_loads_the_run(tiny_corpus, tmp_path):
   assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
   report = melody.fit_rvq(model_dir, tiny_corpus)
   assert report["num_levels"] == 4 and report["num_embeddings"] == 16
+  assert report["checkpoint_step"] == 3  # the step the tokenizer then loads
   tokenizer = melody.MelodyTokenizer.load(model_dir)
+  assert tokenizer.checkpoint_step == 3
   tokens = tokenizer.tokens(np.zeros((1, 24000 * 3), np.float32) + _tone(3.0), 24000)
   assert tokens.shape == (1, 2, 4) and tokens.max() < 4
 

@@ -45,6 +45,7 @@ def test_train_fit_rvq_tokens_and_evaluate(tiny_gm_corpus, tmp_path, capsys):
   report = mulan_cli.fit_rvq(model_dir, tiny_gm_corpus)
   num_train = corpora.read_report(tiny_gm_corpus)["clips"]["train"]
   assert report["num_levels"] == 12 and report["num_embeddings"] == num_train
+  assert report["checkpoint_step"] == 16  # the step MulanTokenizer.load then reads
   errors = report["relative_error"]
   assert errors[-1] < errors[0] and all(b <= a + 1e-6 for a, b in zip(errors, errors[1:]))
 

@@ -9,6 +9,7 @@ These read corpora (TensorFlow) and so are kept out of the model modules.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -56,11 +57,11 @@ def embed(model_dir: str, texts: Sequence[str], audio_paths: Sequence[str]
   fitted, its MuLan tokens (`M_T` for text, `M_A` for audio)."""
   if not texts and not audio_paths:
     raise ValueError("give at least one --text or --audio")
-  tokenizer = mulan_tokens.MulanTokenizer.load(model_dir, with_rvq=False)
-  try:
-    tokenizer.codebooks = mulan_tokens.load_rvq(model_dir)
-  except FileNotFoundError:
+  # With the RVQ, the checkpoint step it was fitted on (`MulanTokenizer.load`).
+  with_rvq = os.path.isfile(os.path.join(model_dir, mulan_tokens.RVQ_FILE))
+  if not with_rvq:
     print(f"no {mulan_tokens.RVQ_FILE} in {model_dir}: embeddings only", flush=True)
+  tokenizer = mulan_tokens.MulanTokenizer.load(model_dir, with_rvq=with_rvq)
   rows = []
   if texts:
     rows += [{"text": t, "embedding": e} for t, e in zip(texts, tokenizer.text_embeddings(texts))]
