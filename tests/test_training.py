@@ -1,4 +1,5 @@
 import functools
+import logging
 import os
 import signal
 
@@ -95,6 +96,37 @@ def test_restore_onto_a_different_mesh(tmp_path):
                restored, state)
   ckpt.close()
 
+
+
+def test_saving_small_replicated_arrays_compiles_nothing(tmp_path):
+  """Orbax's replica-parallel save would compile a slice program per shape and
+  replica (checkpoints.REPLICA_PARALLEL_MIN_SLICE_BYTES keeps small arrays whole)."""
+  mesh = Partitioner((4, 2, 1)).mesh
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+  state = {f"w{i}": jax.device_put(jnp.arange(16 * (i + 1) * 8, dtype=jnp.float32)
+                                   .reshape(16 * (i + 1), 8), sharding) for i in range(6)}
+  compiles = []
+
+  class CompileLog(logging.Handler):
+    def emit(self, record):
+      if "Finished XLA compilation" in record.getMessage():
+        compiles.append(record.getMessage())
+
+  handler = CompileLog()
+  logging.getLogger("jax._src.dispatch").addHandler(handler)
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  try:
+    with jax.log_compiles():
+      ckpt.save(1, state, {}, {})
+      ckpt.wait()
+  finally:
+    logging.getLogger("jax._src.dispatch").removeHandler(handler)
+  assert not compiles
+  restored, _, _ = ckpt.restore(1, jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               restored, state)
+  ckpt.close()
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # Updates turn NaN from the 4th step (state.step == 3) on.
