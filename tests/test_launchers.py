@@ -75,8 +75,7 @@ def free_port():
 
 
 def test_slurm_job_of_two_tasks_trains_like_one_process_of_eight(tmp_path, monkeypatch):
-  one = test_multiprocess.train(["python3", "-m", "musiclm_jax.main"], tmp_path / "one", 8,
-                                tmp_path)
+  one = test_multiprocess.one_process_of_eight()
   for name, value in slurm_env(tmp_path, 4321).items():
     monkeypatch.setenv(name, value)
   monkeypatch.setenv("COORDINATOR_PORT", str(free_port()))

@@ -5,6 +5,7 @@ import subprocess
 
 import numpy as np
 
+import once_per_run
 from musiclm_jax.training import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +30,17 @@ def train(command, model_dir, devices, log_dir):
   return [r["train/loss"] for r in metrics.read_jsonl_metrics(str(model_dir))]
 
 
+def one_process_of_eight() -> list[float]:
+  """Losses of the reference run (1 process x 8 devices), trained once per test
+  run for this file and tests/test_launchers.py."""
+  directory = once_per_run.shared_directory(
+      "one_process_of_eight",
+      lambda d: train(["python3", "-m", "musiclm_jax.main"], os.path.join(d, "run"), 8, d))
+  return [r["train/loss"] for r in metrics.read_jsonl_metrics(os.path.join(directory, "run"))]
+
+
 def test_two_processes_of_four_devices_train_like_one_process_of_eight(tmp_path):
-  one = train(["python3", "-m", "musiclm_jax.main"], tmp_path / "one", 8, tmp_path)
+  one = one_process_of_eight()
   two = train(["bash", "launch/local_multiprocess.sh", "2", "4"], tmp_path / "two", 0,
               tmp_path)
   assert len(one) == len(two) == STEPS

@@ -10,14 +10,13 @@ files and their layouts are what the token pipeline consumes. Training steps of 
 """
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 import subprocess
 import sys
 
 import gin
 
+import once_per_run
 from musiclm_jax import main as cli
 from musiclm_jax import stages
 from musiclm_jax.corpora import melody_pairs
@@ -120,21 +119,13 @@ def train_in_subprocess(corpus_dir: str, root: str, with_melody: bool = False
 
 
 def shared_tiny_tokenizers(corpus_dir: str, with_melody: bool = False) -> frozen.TokenizerDirs:
-  """The tiny tokenizers and melody encoder, trained once per test run.
-
-  They live in the run's shared directory (`MUSICLM_TESTS_SHARED_DIR`, made
-  by tests/conftest.py): the first test file to ask trains them (in a
-  subprocess, under a file lock), every other one, in any xdist worker, reads
-  them. `corpus_dir` is a tiny gm_synth corpus (the same in every worker).
+  """The tiny tokenizers and melody encoder, trained once per test run (in a
+  subprocess) in the run's shared directory (`once_per_run`), whichever test
+  file in whichever xdist worker asks first. `corpus_dir` is a tiny gm_synth
+  corpus (the same in every worker).
   """
-  shared = os.environ["MUSICLM_TESTS_SHARED_DIR"]
-  root = os.path.join(shared, "tiny_tokenizers")
-  with open(os.path.join(shared, "tiny_tokenizers.lock"), "w", encoding="utf-8") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not os.path.isfile(os.path.join(root, "COMPLETE")):
-      shutil.rmtree(root, ignore_errors=True)
-      train_in_subprocess(corpus_dir, root, with_melody=True)
-      open(os.path.join(root, "COMPLETE"), "w", encoding="utf-8").close()
+  root = once_per_run.shared_directory(
+      "tiny_tokenizers", lambda root: train_in_subprocess(corpus_dir, root, with_melody=True))
   dirs = {name: os.path.join(root, name) for name in RUNS}
   if with_melody:
     dirs["melody"] = os.path.join(root, "melody")
