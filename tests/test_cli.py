@@ -60,6 +60,16 @@ def test_bad_gin_is_a_clear_error(files, bindings, message):
     cli.parse_gin(files, bindings)
 
 
+@pytest.mark.parametrize("path", sorted(
+    os.path.relpath(os.path.join(d, f), REPO) for d, _, files in os.walk(os.path.join(REPO, "gin"))
+    for f in files if f.endswith(".gin")))
+def test_every_gin_file_parses(path):
+  """Every shipped recipe names configurables and parameters that exist."""
+  for subcommand in cli.GIN_MODULES:
+    cli.import_configurables(subcommand)
+  cli.parse_gin([path], [])
+
+
 def test_bad_gin_file_content_names_the_file(tmp_path):
   bad = tmp_path / "bad.gin"
   bad.write_text("include 'sizes/tiny.gin'\nDecoderConfig.num_heads = @not_registered()\n")
