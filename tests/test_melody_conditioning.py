@@ -23,11 +23,13 @@ from musiclm_jax.eval import melody as melody_eval
 from musiclm_jax.sampling import bundle
 from musiclm_jax.sampling import hierarchy
 from musiclm_jax.sampling import infer as infer_lib
+from musiclm_jax.corpora import melody_pairs
 from musiclm_jax.tasks import corpora
 from musiclm_jax.tasks import stage_tasks
 from musiclm_jax.tasks import token_tasks
 from musiclm_jax.tokenizers import frozen
 from musiclm_jax.tokenizers import melody as melody_lib
+from musiclm_jax.tokenizers import melody_cli
 import tiny_tokenizers
 
 LAYOUT = vocab.TokenLayout(mulan_levels=12, mulan_codebook_size=4, semantic_codebook_size=16,
@@ -474,6 +476,24 @@ def test_cli_generate_with_a_melody_file(bundle_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   data, rate = soundfile.read(wav)
   assert rate == 24000 and data.shape == (int(0.8 * 24000),) and np.abs(data).max() > 0
+
+
+def test_eval_melody_skips_and_counts_unusable_renditions(generator, tokenizer_dirs, tmp_path):
+  """The first rendition of the first melody is silenced: its next one stands in."""
+  data_dir = str(tmp_path / "melodies")
+  shutil.copytree(os.path.join(os.path.dirname(tokenizer_dirs.melody), "melody_corpus"), data_dir)
+  data = melody_pairs.load_split(data_dir, "train")
+  first = np.lexsort((data["rendition"], data["melody_id"]))[0]
+  shard = os.path.join(data_dir, melody_pairs.read_manifest(data_dir)["splits"]["train"]["files"][0])
+  with np.load(shard) as stored:
+    silenced = {k: stored[k] for k in stored.files}
+  assert silenced["melody_id"][first] == data["melody_id"][first]  # one shard holds the split
+  silenced["audio"][first] = 0.0
+  np.savez(shard, **silenced)
+  report = melody_cli.evaluate_generation(generator, data_dir, "a calm waltz", 1.0,
+                                          split="train", num_melodies=2)
+  assert report["skipped_renditions"] == {"silent": 1}
+  assert report["num_melodies"] == 2 and len(report["with_melody"]["per_melody"]) == 2
 
 
 def test_cli_melody_prepare_fit_rvq_and_eval(tokenizer_dirs, tmp_path):

@@ -10,10 +10,12 @@
 """
 from __future__ import annotations
 
+import collections
 from typing import Any, Optional
 
 import numpy as np
 
+from musiclm_jax import audio
 from musiclm_jax.corpora import melody_pairs
 from musiclm_jax.eval import melody as melody_eval
 from musiclm_jax.tokenizers import melody
@@ -50,12 +52,33 @@ def evaluate_retrieval(model_dir: str, data_dir: str, split: str = "test",
 def evaluate_generation(generator: Any, data_dir: str, prompt: str, seconds: float,
                         split: str = "test", num_melodies: int = 8, seed: int = 0
                         ) -> dict[str, Any]:
-  """Contour similarity of generated audio to the first rendition of each of up to
-  `num_melodies` melodies of a split, with the melody and without it."""
+  """Contour similarity of generated audio to the first usable rendition of each of
+  up to `num_melodies` melodies of a split, with the melody and without it.
+
+  A rendition that `melody.check_melody_recording` refuses (e.g. a voice too
+  low for the semitone grid: unpitched) is skipped and counted by reason in
+  `skipped_renditions`; the melody's next rendition stands in for it.
+  """
+  tokenizer = generator.bundle.tokenizers.melody
+  if tokenizer is None:
+    raise ValueError("the bundle has no melody model to evaluate")
   data = melody_pairs.load_split(data_dir, split)
   rate = melody_pairs.read_manifest(data_dir)["sample_rate"]
-  _, first = np.unique(data["melody_id"], return_index=True)
-  melodies = [data["audio"][i] for i in np.sort(first)[:num_melodies]]
-  report = melody_eval.evaluate_generation(generator, melodies, prompt, seconds, seed,
-                                           sample_rate=rate)
-  return dict(report, split=split)
+  melodies, skipped = {}, collections.Counter()
+  for i in np.lexsort((data["rendition"], data["melody_id"])):
+    melody_id = int(data["melody_id"][i])
+    if melody_id in melodies:
+      continue
+    if len(melodies) == num_melodies:
+      break
+    wav = audio.resample(data["audio"][i], rate, tokenizer.config.sample_rate)
+    try:
+      melodies[melody_id] = melody.check_melody_recording(tokenizer.config, wav)
+    except audio.AudioError as e:
+      skipped[e.reason] += 1
+  if not melodies:
+    raise ValueError(f"no usable rendition in split {split!r} of {data_dir} "
+                     f"(skipped: {dict(skipped)})")
+  report = melody_eval.evaluate_generation(generator, list(melodies.values()), prompt, seconds,
+                                           seed)
+  return dict(report, split=split, skipped_renditions=dict(skipped))
