@@ -135,6 +135,22 @@ def test_build_melody_renditions_with_a_soundfont(tmp_path):
   assert all(audio_lib.rms_dbfs(w) > -25.0 for w in data["audio"])
 
 
+def test_a_rendition_the_soundfont_leaves_silent_is_drawn_again():
+  """TimGM6mb has no Whistle sample around A6: melody 26's second rendition (seed
+  0) rendered silence, which loudness normalisation turned into a DC offset."""
+  piece = melody_pairs._melody_piece(0, 26, 4.0)  # pylint: disable=protected-access
+  first_draw = mr.renditions(piece, 4, seed=int(np.random.SeedSequence([0, 26, 99])
+                                                .generate_state(1)[0]),
+                             voices=tuple(mr.VOICE_RANGES))[1]
+  assert first_draw.spec.voice == "Whistle" and min(first_draw.line.pitches) > 80
+  with pytest.raises(audio_lib.AudioError, match="silent"):
+    melody_pairs.rendition_audio(first_draw, 4.0, "timgm6mb")
+  clips, records = melody_pairs.melody_clips(0, 26, 4, 4.0, "timgm6mb")
+  assert records[1]["spec"] != dataclasses.asdict(first_draw.spec)
+  for wav in clips:  # every clip holds sound, not an offset
+    assert np.sqrt(np.mean(np.square(wav - wav.mean()))) > 0.05
+
+
 # ---------------------------------------------------------------- encoder
 
 

@@ -42,7 +42,7 @@ from musiclm_jax.music import render
 MANIFEST_FILE = "manifest.json"
 FORMAT = "musiclm_jax.melody_renditions/1"
 MIN_NOTES = 4  # a melody needs this many notes within the clip
-MAX_ATTEMPTS = 20  # composed pieces per melody until one has MIN_NOTES notes
+MAX_ATTEMPTS = 20  # composed pieces per melody, or draws per rendition, until one is usable
 # Pieces are composed this much longer than the clip, so that renditions
 # played 10% faster still fill it.
 PIECE_MARGIN = 1.15
@@ -66,6 +66,8 @@ def rendition_audio(rendition: mr.Rendition, seconds: float, soundfont: Optional
 
   The sine voice is synthesised in numpy; other voices are rendered with
   FluidSynth and `soundfont` (a path or 'fluidr3' / 'timgm6mb').
+  Raises:
+    audio.AudioError: the rendition rendered silent (or heavily clipped).
   """
   num_samples = int(round(seconds * sample_rate))
   if rendition.spec.is_sine_voice:
@@ -75,6 +77,9 @@ def rendition_audio(rendition: mr.Rendition, seconds: float, soundfont: Optional
       raise ValueError(f"rendition voice {rendition.spec.voice!r} needs a SoundFont")
     wav = render.render_midi(rendition.midi, render.find_soundfont(soundfont), sample_rate)
   wav = np.pad(wav, (0, max(num_samples - len(wav), 0)))[:num_samples]
+  # A voice the SoundFont has no sample for at these pitches renders silence
+  # (TimGM6mb's Whistle above C6), which normalisation would raise to a DC offset.
+  wav = audio.check_and_repair(wav, audio.Repairs(), name=f"{rendition.spec.voice} rendition")
   return rendered.normalize_loudness(wav)
 
 
@@ -82,13 +87,26 @@ def melody_clips(seed: int, index: int, renditions_per_melody: int, seconds: flo
                  soundfont: Optional[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
   """Audio `[renditions, samples]` and one record per rendition of melody `index`.
 
-  Without a SoundFont every rendition is the sine voice.
+  Without a SoundFont every rendition is the sine voice. A rendition that renders
+  unusable audio (`rendition_audio` raises) is drawn again with another seed.
   """
   piece = _melody_piece(seed, index, seconds)
   voices = tuple(mr.VOICE_RANGES) if soundfont else (mr.SINE_VOICE,)
   items = mr.renditions(piece, renditions_per_melody, seed=int(np.random.SeedSequence(
       [seed, index, 99]).generate_state(1)[0]), voices=voices)
-  clips = np.stack([rendition_audio(r, seconds, soundfont) for r in items])
+  clips = []
+  for k in range(len(items)):
+    for attempt in range(MAX_ATTEMPTS):
+      try:
+        clips.append(rendition_audio(items[k], seconds, soundfont))
+        break
+      except audio.AudioError:  # rendered silent: draw this rendition again
+        items[k] = mr.renditions(piece, 1, seed=int(np.random.SeedSequence(
+            [seed, index, 99, k, attempt]).generate_state(1)[0]), voices=voices)[0]
+    else:
+      raise RuntimeError(f"melody {index}, rendition {k}: every one of {MAX_ATTEMPTS} draws "
+                         f"rendered unusable audio with SoundFont {soundfont!r}")
+  clips = np.stack(clips)
   records = [dict(melody_id=index, rendition=k, genre=piece.genre, source_key=piece.key,
                   source_mode=piece.mode, num_notes=len(r.line),
                   spec=dataclasses.asdict(r.spec)) for k, r in enumerate(items)]
