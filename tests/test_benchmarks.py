@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,7 +15,7 @@ NO_TF = ("import runpy, sys; sys.modules['tensorflow'] = None; "
 
 
 def test_train_throughput_runs_without_tensorflow():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = xla_env.subprocess_env(2)
   result = subprocess.run(
       [sys.executable, "-c", NO_TF, "benchmarks/train_throughput.py", "--sizes", "tiny",
        "--steps", "2", "--warmup", "0", "--length", "32", "--batch_size", "4",
@@ -34,7 +35,7 @@ def test_train_throughput_runs_without_tensorflow():
 
 
 def test_sample_speed_runs_without_tensorflow():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
   result = subprocess.run(
       [sys.executable, "-c", NO_TF, "benchmarks/sample_speed.py", "--sizes", "tiny",
        "--stages", "fine", "--batches", "1", "--max_targets", "8", "--repeats", "2",
@@ -52,7 +53,7 @@ def test_sample_speed_runs_without_tensorflow():
 
 
 def test_semantic_speed_reads_gin_files_with_includes_without_tensorflow():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
   result = subprocess.run(
       [sys.executable, "-c", NO_TF, "benchmarks/semantic_speed.py", "--sizes", "tiny,cpu",
        "--batch_size", "1", "--seconds", "1", "--repeats", "1"],

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import xla_env
 
 from musiclm_jax import main as cli
 
@@ -12,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def musiclm(*args, cwd=REPO):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
   return subprocess.run([sys.executable, "-m", "musiclm_jax.main", *args], cwd=cwd,
                         env=env, capture_output=True, text=True, timeout=300)
 

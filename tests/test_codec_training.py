@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import soundfile
+import xla_env
 
 from musiclm_jax import audio
 from musiclm_jax.eval import codec as codec_eval
@@ -21,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def musiclm(*args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = xla_env.subprocess_env(devices)
   return subprocess.run([sys.executable, "-m", "musiclm_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
 

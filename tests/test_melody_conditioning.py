@@ -31,6 +31,7 @@ from musiclm_jax.tokenizers import frozen
 from musiclm_jax.tokenizers import melody as melody_lib
 from musiclm_jax.tokenizers import melody_cli
 import tiny_tokenizers
+import xla_env
 
 LAYOUT = vocab.TokenLayout(mulan_levels=12, mulan_codebook_size=4, semantic_codebook_size=16,
                            acoustic_levels=12, acoustic_codebook_size=64)
@@ -467,7 +468,7 @@ def test_cli_generate_with_a_melody_file(bundle_dir, tmp_path):
   soundfile.write(hum, np.stack([audio.resample(tune(TUNE_A), 16000, 44100)] * 2, axis=1),
                   44100)
   wav = str(tmp_path / "out.wav")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
   result = subprocess.run(
       [sys.executable, "-m", "musiclm_jax.main", "generate", f"--bundle={bundle_dir[0]}",
        "--prompt=a jazz trio", f"--melody={hum}", "--seconds=0.8", f"--output={wav}"],
@@ -497,7 +498,7 @@ def test_eval_melody_skips_and_counts_unusable_renditions(generator, tokenizer_d
 
 
 def test_cli_melody_prepare_fit_rvq_and_eval(tokenizer_dirs, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
 
   def musiclm(*args):
     return subprocess.run([sys.executable, "-m", "musiclm_jax.main", *args], env=env,

@@ -6,6 +6,7 @@ import subprocess
 import numpy as np
 
 import once_per_run
+import xla_env
 from musiclm_jax.training import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +19,7 @@ def train(command, model_dir, devices, log_dir):
   # in different orders, and gloo aborts (about one run in four).
   env = dict(os.environ, XLA_FLAGS="", LOG_DIR=str(log_dir), JAX_THREEFRY_PARTITIONABLE="true")
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_env.xla_flags(devices)
   result = subprocess.run(
       [*command, "train", "--gin_file=gin/runs/synthetic_tiny.gin",
        f"--gin_bindings=MODEL_DIR='{model_dir}'", f"--gin_bindings=train.num_steps={STEPS}",

@@ -31,6 +31,7 @@ from musiclm_jax.models import DecoderOnlyModel
 from musiclm_jax.partitioning import Partitioner
 import audio_fixtures
 import tiny_tokenizers
+import xla_env
 from conftest import tiny_config
 
 TWO_WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
@@ -410,7 +411,7 @@ def test_cli_generate_writes_one_wav_per_prompt_and_refuses_bad_input(bundle_dir
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   output, _ = bundle_dir
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
 
   def musiclm(*args):
     return subprocess.run([sys.executable, "-m", "musiclm_jax.main", *args], env=env,

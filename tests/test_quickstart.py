@@ -11,6 +11,7 @@ import sys
 
 import gin
 import pytest
+import xla_env
 
 from musiclm_jax import main as cli
 from musiclm_jax import quickstart
@@ -23,7 +24,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 def musiclm(*flags, check=True):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
   result = subprocess.run([sys.executable, "-m", "musiclm_jax.main", "quickstart", *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   if check:

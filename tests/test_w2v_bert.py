@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pretty_midi
 import pytest
+import xla_env
 
 from musiclm_jax import audio
 from musiclm_jax.eval import semantic as semantic_eval
@@ -485,7 +486,7 @@ def test_layer_outputs_are_the_hidden_states_of_each_layer(fitted_dir):
 
 
 def musiclm(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
   return subprocess.run([sys.executable, "-m", "musiclm_jax.main", *args], env=env,
                         capture_output=True, text=True, timeout=300)
 

@@ -17,6 +17,7 @@ import sys
 import gin
 
 import once_per_run
+import xla_env
 from musiclm_jax import main as cli
 from musiclm_jax import stages
 from musiclm_jax.corpora import melody_pairs
@@ -106,7 +107,7 @@ def train_tiny_tokenizers(corpus_dir: str, root: str, with_melody: bool = False
 
 def train_in_subprocess(corpus_dir: str, root: str, with_melody: bool = False
                         ) -> frozen.TokenizerDirs:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.subprocess_env(1)
   result = subprocess.run([sys.executable, os.path.abspath(__file__), corpus_dir, root,
                            *(["melody"] if with_melody else [])],
                           env=env, capture_output=True, text=True, timeout=900,
