@@ -17,6 +17,7 @@ import numpy as np
 from musiclm_jax import audio as audio_lib
 from musiclm_jax.eval import retrieval
 from musiclm_jax.tasks import mulan_task
+from musiclm_jax.tokenizers import embedding_rvq
 from musiclm_jax.tokenizers import mulan_tokens
 from musiclm_jax.training import checkpoints
 
@@ -41,14 +42,10 @@ def fit_rvq(model_dir: str, corpus_dir: str, max_clips: int | None = None) -> di
   saves it to `MODEL_DIR/mulan_rvq.npz`; returns the report."""
   tokenizer = mulan_tokens.MulanTokenizer.load(model_dir, with_rvq=False)
   embeddings, _ = embed_split(tokenizer, corpus_dir, "train", max_clips)
-  print(f"Fitting the MuLan RVQ on {len(embeddings)} train clip embeddings", flush=True)
-  codebooks, report = mulan_tokens.fit_mulan_rvq(embeddings)
-  report.update(corpus_dir=corpus_dir, **{checkpoints.FITTED_STEP: tokenizer.checkpoint_step})
-  path = mulan_tokens.save_rvq(model_dir, codebooks, report)
-  print(f"MuLan RVQ {report['num_levels']} x {report['codebook_size']} -> {path}; relative "
-        f"error after 1 / all levels: {report['relative_error'][0]:.3f} / "
-        f"{report['relative_error'][-1]:.3f}", flush=True)
-  return report
+  return embedding_rvq.fit_and_save(mulan_tokens.RVQ_FILES, model_dir, embeddings,
+                                    mulan_tokens.fit_mulan_rvq,
+                                    {"corpus_dir": corpus_dir,
+                                     checkpoints.FITTED_STEP: tokenizer.checkpoint_step})
 
 
 def embed(model_dir: str, texts: Sequence[str], audio_paths: Sequence[str]
