@@ -78,7 +78,7 @@ def rendition_audio(rendition: mr.Rendition, seconds: float, soundfont: Optional
     wav = render.render_midi(rendition.midi, render.find_soundfont(soundfont), sample_rate)
   wav = np.pad(wav, (0, max(num_samples - len(wav), 0)))[:num_samples]
   # A voice the SoundFont has no sample for at these pitches renders silence
-  # (TimGM6mb's Whistle above C6), which normalisation would raise to a DC offset.
+  # (TimGM6mb's Whistle around A6), which normalisation would raise to a DC offset.
   wav = audio.check_and_repair(wav, audio.Repairs(), name=f"{rendition.spec.voice} rendition")
   return rendered.normalize_loudness(wav)
 

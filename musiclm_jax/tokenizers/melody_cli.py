@@ -55,9 +55,9 @@ def evaluate_generation(generator: Any, data_dir: str, prompt: str, seconds: flo
   """Contour similarity of generated audio to the first usable rendition of each of
   up to `num_melodies` melodies of a split, with the melody and without it.
 
-  A rendition that `melody.check_melody_recording` refuses (e.g. a voice too
-  low for the semitone grid: unpitched) is skipped and counted by reason in
-  `skipped_renditions`; the melody's next rendition stands in for it.
+  A rendition that `melody.check_melody_recording` refuses (silent, too short,
+  unpitched) is skipped and counted by reason in `skipped_renditions`; the
+  melody's next rendition stands in for it.
   """
   tokenizer = generator.bundle.tokenizers.melody
   if tokenizer is None:
