@@ -43,9 +43,12 @@ def _register_array_handler() -> None:
   itself reads it (`array_metadata_store.resolve_array_metadata_store`).
   """
   default = ocp.type_handlers.get_type_handler(jax.Array)
-  handler = ocp.type_handlers.ArrayHandler(
-      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
-      array_metadata_store=getattr(default, "_array_metadata_store", None))
+  try:
+    handler = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
+        array_metadata_store=getattr(default, "_array_metadata_store", None))
+  except TypeError:  # an orbax (another machine's image) without the option: its default
+    return
   absl_logger = logging.get_absl_logger()  # orbax warns of every override through it
   disabled, absl_logger.disabled = absl_logger.disabled, True
   try:
