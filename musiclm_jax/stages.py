@@ -182,14 +182,19 @@ class Stage:
   def conditioning_tokens(self, mulan: np.ndarray, melody: Optional[np.ndarray]) -> np.ndarray:
     """Prefix ids of the conditioning, `[..., conditioning_length]`: M of
     `mulan [..., mulan_levels]`, then (melody conditioning) T_mel of
-    `melody [..., melody_windows, melody_levels]`, window-major."""
-    ids = self.layout.mulan_tokens(mulan)
+    `melody [..., melody_windows, melody_levels]`, window-major, or pad where
+    `melody` is None (a text prompt without a recording, as `without_melody`)."""
+    ids = self.layout.mulan_tokens(mulan).astype(np.int32)
     if not self.melody_conditioning:
-      return ids.astype(np.int32)
+      return ids
+    if melody is None:
+      pad = np.full(ids.shape[:-1] + (self.conditioning_length - ids.shape[-1],),
+                    vocab.PAD_ID, np.int32)
+      return np.concatenate([ids, pad], axis=-1)
     expected = (self.melody_windows, self.layout.melody_levels)
-    if melody is None or np.shape(melody)[-2:] != expected:
+    if np.shape(melody)[-2:] != expected:
       raise ValueError(f"the {self.name} stage takes melody codes [..., {expected[0]}, "
-                       f"{expected[1]}]; got {None if melody is None else np.shape(melody)}")
+                       f"{expected[1]}]; got {np.shape(melody)}")
     mel = self.layout.melody_tokens(melody)
     mel = mel.reshape(*mel.shape[:-2], -1)
     return np.concatenate([ids, mel], axis=-1).astype(np.int32)

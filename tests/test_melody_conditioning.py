@@ -124,6 +124,8 @@ def test_melody_dropout_pads_the_melody_alone_of_that_fraction_of_kept_windows()
   assert np.all(no_melody[12:24] == vocab.PAD_ID)
   np.testing.assert_array_equal(np.delete(no_melody, np.arange(12, 24)),
                                 np.delete(prefix, np.arange(12, 24)))
+  # A text prompt without a recording (the sampler) gets the same conditioning.
+  np.testing.assert_array_equal(stage.conditioning_tokens(clip.mulan, None), no_melody[:24])
   rng = np.random.default_rng(4)
   kinds = collections.Counter()
   for _ in range(1000):
@@ -245,8 +247,8 @@ WINDOWS = stages.StageWindows(semantic_seconds=1.0, coarse_seconds=0.4, fine_sec
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dirs(tiny_gm_corpus):
-  return tiny_tokenizers.shared_tiny_tokenizers(tiny_gm_corpus, with_melody=True)
+def tokenizer_dirs():
+  return tiny_tokenizers.shared_tiny_tokenizers(with_melody=True)
 
 
 @pytest.fixture(scope="module")

@@ -52,16 +52,14 @@ BUNDLE_FORMAT = "musiclm_jax.bundle/1"
 MANIFEST_FILE = "manifest.json"
 TOKENIZERS = ("soundstream", "w2v_bert", "mulan")
 STAGES = stages_lib.STAGE_NAMES
-AUXILIARY_FILES = {
-    "w2v_bert": (semantic.KMEANS_FILE, semantic.KMEANS_MANIFEST_FILE),
-    "mulan": (mulan_tokens.RVQ_FILE, mulan_tokens.RVQ_MANIFEST_FILE,
+# Per model, its side files; the first is the manifest naming the checkpoint
+# step the side files were fitted on.
+FITTED_SIDE_FILES = {
+    "w2v_bert": (semantic.KMEANS_MANIFEST_FILE, semantic.KMEANS_FILE),
+    "mulan": (mulan_tokens.RVQ_MANIFEST_FILE, mulan_tokens.RVQ_FILE,
               mulan_tokens.TEXT_TOKENIZER_FILE),
-    "melody": (melody.RVQ_FILE, melody.RVQ_MANIFEST_FILE),
+    "melody": (melody.RVQ_MANIFEST_FILE, melody.RVQ_FILE),
 }
-# The side file whose manifest names the checkpoint step it was fitted on.
-FITTED_MANIFESTS = {"w2v_bert": semantic.KMEANS_MANIFEST_FILE,
-                    "mulan": mulan_tokens.RVQ_MANIFEST_FILE,
-                    "melody": melody.RVQ_MANIFEST_FILE}
 
 
 class BundleError(ValueError):
@@ -95,8 +93,8 @@ class StageModel:
 def _copy_model(run_dir: str, name: str, target: str) -> dict[str, Any]:
   """Re-saves a run's variables (no optimizer state) and its side files: of the
   step its k-means or RVQ was fitted on, else of the newest step."""
-  step = (checkpoints.fitted_step(os.path.join(run_dir, FITTED_MANIFESTS[name]))
-          if name in FITTED_MANIFESTS else None)
+  side_files = FITTED_SIDE_FILES.get(name, ())
+  step = checkpoints.fitted_step(os.path.join(run_dir, side_files[0])) if side_files else None
   variables, manifest = checkpoints.load_trained_variables(run_dir, step)
   step = manifest.pop("step")
   state = {"params": variables["params"]}
@@ -106,7 +104,7 @@ def _copy_model(run_dir: str, name: str, target: str) -> dict[str, Any]:
   ckpt = checkpoints.Checkpointer(os.path.join(target, "checkpoints"), async_save=False)
   ckpt.save(step, state, {}, manifest)
   ckpt.close()
-  for filename in AUXILIARY_FILES.get(name, ()):
+  for filename in side_files:
     source = os.path.join(run_dir, filename)
     if not os.path.isfile(source):
       raise BundleError(f"{name} run {run_dir} has no {filename}; fit it first (see README)")

@@ -53,7 +53,6 @@ import numpy as np
 
 from musiclm_jax import audio
 from musiclm_jax import stages as stages_lib
-from musiclm_jax import vocab
 from musiclm_jax.partitioning import Partitioner
 from musiclm_jax.sampling import decoding
 from musiclm_jax.sampling.bundle import Bundle
@@ -268,21 +267,13 @@ class Generator:
     """The prefix's conditioning `[B, stage.conditioning_length]` of a window starting
     `start` semantic frames after the new music's start: M, then T_mel (padded
     when there is no melody recording)."""
-    ids = self._mulan_ids(mulan, segment)
-    if not stage.melody_conditioning:
-      return ids
-    if melody is None:
-      pad = np.full((len(ids), stage.conditioning_length - ids.shape[1]), vocab.PAD_ID, np.int32)
-      return np.concatenate([ids, pad], axis=1)
-    rows = stage.melody_window_indices(max(start, 0), melody.shape[1], loop=True)
-    return stage.conditioning_tokens(mulan[:, segment], melody[:, rows])
+    if melody is not None and stage.melody_conditioning:
+      melody = melody[:, stage.melody_window_indices(max(start, 0), melody.shape[1], loop=True)]
+    return stage.conditioning_tokens(mulan[:, segment], melody)
 
   def _seeds(self, seeds: np.ndarray, stage: int, window: int) -> np.ndarray:
     return (seeds * np.uint32(1_000_003) + np.uint32(7919 * (3 * window + stage))
             ).astype(np.uint32)
-
-  def _mulan_ids(self, mulan: np.ndarray, segment: int) -> np.ndarray:
-    return self.layout.mulan_tokens(mulan[:, segment]).astype(np.int32)
 
   def _prefix(self, stage: stages_lib.Stage, prefix: np.ndarray
               ) -> tuple[np.ndarray, Optional[np.ndarray]]:
