@@ -151,11 +151,11 @@ def _prepare(args: Sequence[str]) -> None:
   from musiclm_jax.corpora import base  # pylint: disable=g-import-not-at-top
   from musiclm_jax.corpora import registry  # pylint: disable=g-import-not-at-top
   from musiclm_jax.music import render  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.tasks import corpora  # pylint: disable=g-import-not-at-top
   if len(args) != 1 or args[0] not in registry.SOURCES:
     raise UsageError(f"usage: musiclm prepare {{{'|'.join(registry.SOURCES)}}} --data_dir=DIR "
                      f"--num_examples=N --seconds=S --seed=K [--source_dir=DIR]; "
                      f"got {' '.join(args) or 'no corpus'}")
+  from musiclm_jax.tasks import corpora  # pylint: disable=g-import-not-at-top  # TensorFlow
   try:
     spec = base.BuildSpec(num_examples=FLAGS.num_examples, seconds=FLAGS.seconds,
                           seed=FLAGS.seed, source_dir=FLAGS.source_dir)

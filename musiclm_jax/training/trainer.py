@@ -149,12 +149,14 @@ def train(model_dir: str = gin.REQUIRED,
   writer = metrics_lib.create_writer(model_dir)
   cost = model.train_cost(batch_size, example)
   progress = metrics_lib.ProgressLine(num_steps, unit=cost.unit)
+  mesh_devices = partitioner.mesh.devices
   throughput = metrics_lib.Throughput(
-      cost, peak_flops=metrics_lib.peak_flops_per_device(), num_devices=jax.device_count())
+      cost, peak_flops=metrics_lib.peak_flops_per_device(mesh_devices.flat[0]),
+      num_devices=mesh_devices.size)
   if jax.process_index() == 0:
     print(f"Training {type(model).__name__} from step {start_step} to {num_steps} on "
-          f"mesh {dict(partitioner.mesh.shape)} ({jax.device_count()} "
-          f"{jax.devices()[0].platform} devices); the first step compiles.", flush=True)
+          f"mesh {dict(partitioner.mesh.shape)} ({mesh_devices.size} "
+          f"{mesh_devices.flat[0].platform} devices); the first step compiles.", flush=True)
 
   last_metrics: dict[str, float] = {}
   preempted = False
