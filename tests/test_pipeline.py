@@ -52,8 +52,8 @@ def folder_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dirs(tiny_gm_corpus):
-  return tiny_tokenizers.shared_tiny_tokenizers(tiny_gm_corpus)
+def tokenizer_dirs():
+  return tiny_tokenizers.shared_tiny_tokenizers()
 
 
 def specs(tiny_gm_corpus, folder_corpus, dirs):

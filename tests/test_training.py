@@ -20,13 +20,17 @@ from musiclm_jax.training.train_state import partitioned_initializer
 from musiclm_jax.training.trainer import NonFiniteLossError, IncompatibleCheckpointError, train
 
 
-def run(model_dir, num_steps, *, model=None, optimizer=None, mesh_shape=(-1, 1, 1),
+def run(model_dir, num_steps, *, model=None, optimizer=None, mesh_shape=None,
         save_every=2, **kwargs):
+  """The trainer on the synthetic task: on one device, or on all 8 with `mesh_shape`
+  (8 virtual devices share 2 cores: a step costs several times more)."""
+  partitioner = (Partitioner((1, 1, 1), devices=jax.devices()[:1]) if mesh_shape is None
+                 else Partitioner(mesh_shape))
   return train(model_dir=str(model_dir), task=SyntheticTokenTask(length=32, max_motif_length=6),
                model=model or DecoderOnlyModel(tiny_config()), num_steps=num_steps,
                batch_size=8, optimizer=optimizer or optimizers.make_optimizer(
                    schedule=optimizers.warmup_cosine(3e-3, 5, 60)),
-               partitioner=Partitioner(mesh_shape),
+               partitioner=partitioner,
                checkpointer=functools.partial(Checkpointer, save_every_steps=save_every,
                                               max_to_keep=2),
                log_every_steps=1, **kwargs)
@@ -57,7 +61,8 @@ def test_adafactor_with_rsqrt_schedule_trains_on_a_sharded_mesh(tmp_path):
 
 
 def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
-  uninterrupted = run(tmp_path / "a", 6)
+  data_parallel = (-1, 1, 1)  # sharded state and batches over the 8 devices
+  uninterrupted = run(tmp_path / "a", 6, mesh_shape=data_parallel)
   assert not uninterrupted.preempted
   # Saved every 2 steps, the newest 2 kept.
   assert Checkpointer(str(tmp_path / "a" / "checkpoints")).all_steps() == [4, 6]
@@ -66,10 +71,10 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
     if step == 3:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  interrupted = run(tmp_path / "b", 6, step_callback=preempt)
+  interrupted = run(tmp_path / "b", 6, mesh_shape=data_parallel, step_callback=preempt)
   assert interrupted.preempted and interrupted.step == 3
   assert Checkpointer(str(tmp_path / "b" / "checkpoints")).latest_step() == 3
-  resumed = run(tmp_path / "b", 6)
+  resumed = run(tmp_path / "b", 6, mesh_shape=data_parallel)
   assert resumed.step == 6
   assert losses(tmp_path / "b") == losses(tmp_path / "a")  # bit-exact on CPU
 

@@ -1,12 +1,14 @@
-"""The three tokenizers (and the melody encoder), untrained, on a tiny corpus, for
-pipeline tests.
+"""The three tokenizers and the melody encoder, barely trained, for pipeline tests;
+built once per test run.
 
-Each is a `musiclm train` run of its tiny gin file with `num_steps = 0` (the
-initialised model saved as step 0, no train step compiled; the MuLan run
-still trains its text tokenizer) followed by its real fit (k-means, RVQ).
-The melody encoder (optional) is trained the same way on a tiny sine-voice
-`melody_renditions` corpus and gets its RVQ. Quality is beside the point: the
-files and their layouts are what the token pipeline consumes. Training steps of each model are tested in its own file.
+The tokenizers are the first four phases of the micro quickstart
+(tests/quickstart_micro: its gm_synth corpus, then SoundStream, w2v-BERT with
+its k-means and MuLan with its RVQ, two training steps each), which
+tests/test_quickstart.py continues in a copy. The melody encoder is a `musiclm
+train` run of its tiny gin file with `num_steps = 0` (the initialised model
+saved as step 0) on a tiny sine-voice `melody_renditions` corpus, with its RVQ
+fitted. Quality is beside the point: the files and their layouts are what the
+token pipeline consumes. Training steps of each model are tested in its own file.
 """
 from __future__ import annotations
 
@@ -19,34 +21,24 @@ import gin
 import once_per_run
 import xla_env
 from musiclm_jax import main as cli
+from musiclm_jax import quickstart
 from musiclm_jax import stages
 from musiclm_jax.corpora import melody_pairs
 from musiclm_jax.sampling import bundle
 from musiclm_jax.tokenizers import frozen
 from musiclm_jax.tokenizers import melody
-from musiclm_jax.tokenizers import mulan_cli
-from musiclm_jax.tokenizers import semantic_cli
 from musiclm_jax.training import trainer
 
-COMMON = ["train.log_every_steps = 1", "train.eval_every_steps = 1000", "train.eval_batches = 1",
-          "Checkpointer.save_every_steps = 1000"]
-RUNS = {
-    "soundstream": ("gin/tokenizers/soundstream_tiny.gin",
-                    ["NUM_STEPS = 0", "train.batch_size = 8", "AudioClipTask.segment_seconds = 0.16",
-                     "SoundStreamConfig.codebook_size = 64", "CodecModel.adversarial_warmup_steps = 1",
-                     "generator/warmup_cosine.warmup_steps = 1",
-                     "discriminator/warmup_cosine.warmup_steps = 1"]),
-    "semantic": ("gin/tokenizers/w2v_bert_tiny.gin",
-                 ["train.num_steps = 0", "train.batch_size = 8",
-                  "AudioClipTask.segment_seconds = 1.0", "warmup_cosine.warmup_steps = 1"]),
-    "mulan": ("gin/tokenizers/mulan_tiny.gin",
-              ["WINDOW_SECONDS = 1.0", "MAX_TEXT_LENGTH = 48", "MulanConfig.cnn_channels = (8, 16)",
-               "MulanConfig.n_mels = 16", "MulanConfig.text_layers = 1",
-               "MulanConfig.embed_dim = 32", "train.batch_size = 8", "train.num_steps = 0",
-               "warmup_cosine.warmup_steps = 1"]),
-}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART_MICRO = os.path.join(REPO, "tests", "quickstart_micro")
+LAST_TOKENIZER_PHASE = "mulan"
+# Where the shared build keeps the quickstart's output up to LAST_TOKENIZER_PHASE.
+QUICKSTART_LOG = "quickstart.log"
+# The token layout of those tokenizers (tests/quickstart_micro/{w2v_bert,mulan,soundstream}.gin).
 SEMANTIC_CLUSTERS = 16
 MULAN_CODEBOOK_SIZE = 4
+COMMON = ["train.log_every_steps = 1", "train.eval_every_steps = 1000", "train.eval_batches = 1",
+          "Checkpointer.save_every_steps = 1000"]
 # Melody windows of 1 s every 0.5 s: a 4 s clip has 7, a 1 s semantic window takes 2.
 MELODY_RUN = ("gin/tokenizers/melody_tiny.gin",
               ["WINDOW_SECONDS = 1.0", "MelodyConfig.hop_seconds = 0.5", "train.num_steps = 0",
@@ -63,6 +55,7 @@ def train_tiny_melody(root: str) -> str:
   melody_pairs.build_melody_renditions(data_dir, num_melodies=6, renditions_per_melody=2,
                                        seconds=2.0, seed=0, soundfont=None)
   gin_file, bindings = MELODY_RUN
+  cli.import_configurables("melody")
   gin.clear_config()
   cli.parse_gin([gin_file], [f"MODEL_DIR = '{model_dir}'", f"DATA_DIR = '{data_dir}'",
                              *COMMON, *bindings])
@@ -76,61 +69,39 @@ def train_tiny_melody(root: str) -> str:
   return model_dir
 
 
-def train_tiny_tokenizers(corpus_dir: str, root: str, with_melody: bool = False
-                          ) -> frozen.TokenizerDirs:
-  """Trains and fits the three tokenizers (and the melody encoder) under `root`;
-  returns their directories."""
-  dirs = {name: os.path.join(root, name) for name in RUNS}
-  for module in cli.GIN_MODULES["train"] + ("musiclm_jax.tokenizers.mulan",
-                                            "musiclm_jax.tasks.mulan_task",
-                                            "musiclm_jax.tokenizers.semantic_cli"):
-    __import__(module)
-  for name, (gin_file, bindings) in RUNS.items():
-    gin.clear_config()
-    cli.parse_gin([gin_file], [f"MODEL_DIR = '{dirs[name]}'", f"CORPUS_DIR = '{corpus_dir}'",
-                               *COMMON, *bindings])
-    trainer.train()  # pylint: disable=no-value-for-parameter
-  gin.clear_config()
-  gin.parse_config(f"fit_semantic_kmeans.num_clusters = {SEMANTIC_CLUSTERS}\n"
-                   "fit_semantic_kmeans.num_frames = 400\n"
-                   "corpus_batches.segment_seconds = 2.0")
-  semantic_cli.fit_kmeans(dirs["semantic"], corpus_dir)
-  gin.clear_config()
-  gin.parse_config(f"fit_mulan_rvq.codebook_size = {MULAN_CODEBOOK_SIZE}\n"
-                   "fit_mulan_rvq.num_iters = 3")
-  mulan_cli.fit_rvq(dirs["mulan"], corpus_dir)
-  gin.clear_config()
-  if with_melody:
-    dirs["melody"] = train_tiny_melody(root)
-  return frozen.TokenizerDirs(**dirs)
-
-
-def train_in_subprocess(corpus_dir: str, root: str, with_melody: bool = False
-                        ) -> frozen.TokenizerDirs:
+def _build(root: str) -> None:
+  """In a subprocess of one device: the micro quickstart up to its last tokenizer
+  (`musiclm quickstart --until=mulan`, its output kept in QUICKSTART_LOG), then
+  the melody encoder."""
   env = xla_env.subprocess_env(1)
-  result = subprocess.run([sys.executable, os.path.abspath(__file__), corpus_dir, root,
-                           *(["melody"] if with_melody else [])],
-                          env=env, capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run(
+      [sys.executable, "-m", "musiclm_jax.main", "quickstart",
+       f"--workdir={os.path.join(root, 'quickstart')}", f"--size={QUICKSTART_MICRO}",
+       f"--until={LAST_TOKENIZER_PHASE}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-  dirs = {name: os.path.join(root, name) for name in RUNS}
-  if with_melody:
-    dirs["melody"] = os.path.join(root, "melody")
-  return frozen.TokenizerDirs(**dirs)
+  with open(os.path.join(root, QUICKSTART_LOG), "w", encoding="utf-8") as f:
+    f.write(result.stdout)
+  result = subprocess.run([sys.executable, os.path.abspath(__file__), root], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
-def shared_tiny_tokenizers(corpus_dir: str, with_melody: bool = False) -> frozen.TokenizerDirs:
-  """The tiny tokenizers and melody encoder, trained once per test run (in a
-  subprocess) in the run's shared directory (`once_per_run`), whichever test
-  file in whichever xdist worker asks first. `corpus_dir` is a tiny gm_synth
-  corpus (the same in every worker).
-  """
-  root = once_per_run.shared_directory(
-      "tiny_tokenizers", lambda root: train_in_subprocess(corpus_dir, root, with_melody=True))
-  dirs = {name: os.path.join(root, name) for name in RUNS}
-  if with_melody:
-    dirs["melody"] = os.path.join(root, "melody")
-  return frozen.TokenizerDirs(**dirs)
+def shared_quickstart() -> tuple[str, str]:
+  """(workdir, its stdout) of the micro quickstart run up to LAST_TOKENIZER_PHASE,
+  once per test run (`once_per_run`); copy the workdir before continuing it."""
+  root = once_per_run.shared_directory("tiny_tokenizers", _build)
+  with open(os.path.join(root, QUICKSTART_LOG), encoding="utf-8") as f:
+    return os.path.join(root, "quickstart"), f.read()
+
+
+def shared_tiny_tokenizers(with_melody: bool = False) -> frozen.TokenizerDirs:
+  """The tokenizers (and the melody encoder) of the run's shared build."""
+  workdir, _ = shared_quickstart()
+  runs = quickstart.Paths(workdir)
+  return frozen.TokenizerDirs(
+      soundstream=runs.run("soundstream"), semantic=runs.run("w2v_bert"), mulan=runs.run("mulan"),
+      melody=os.path.join(os.path.dirname(workdir), "melody") if with_melody else None)
 
 
 def untrained_stage_bundle(cache_dir: str, dirs: frozen.TokenizerDirs, windows, root: str,
@@ -163,4 +134,4 @@ def untrained_stage_bundle(cache_dir: str, dirs: frozen.TokenizerDirs, windows, 
 
 
 if __name__ == "__main__":
-  train_tiny_tokenizers(sys.argv[1], sys.argv[2], with_melody=sys.argv[3:] == ["melody"])
+  train_tiny_melody(sys.argv[1])
