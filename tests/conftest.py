@@ -3,6 +3,7 @@ import os
 import shutil
 import tempfile
 
+import once_per_run
 import xla_env
 
 # Must be set before jax is imported anywhere.
@@ -70,12 +71,13 @@ def random_batch(rng: np.random.Generator, batch_size: int, length: int,
 
 
 @pytest.fixture(scope="session")
-def tiny_gm_corpus(tmp_path_factory) -> str:
-  """A gm_synth corpus of 24 clips × 4 s (TimGM6mb SoundFont); its corpus_dir."""
+def tiny_gm_corpus() -> str:
+  """A gm_synth corpus of 24 clips × 4 s (TimGM6mb SoundFont), built once per run
+  (`once_per_run`) and only read; its corpus_dir."""
   from musiclm_jax.corpora import base  # pylint: disable=g-import-not-at-top
   from musiclm_jax.corpora import gm_synth  # pylint: disable=g-import-not-at-top
   from musiclm_jax.tasks import corpora  # pylint: disable=g-import-not-at-top
-  data_dir = str(tmp_path_factory.mktemp("tiny_gm_corpus"))
-  return corpora.prepare(gm_synth.GmSynthSource(soundfont="timgm6mb"),
-                         base.BuildSpec(num_examples=24, seconds=4.0, seed=3), data_dir,
-                         workers=2)
+  spec = base.BuildSpec(num_examples=24, seconds=4.0, seed=3)
+  data_dir = once_per_run.shared_directory("tiny_gm_corpus", lambda directory: corpora.prepare(
+      gm_synth.GmSynthSource(soundfont="timgm6mb"), spec, directory, workers=2))
+  return corpora.dataset_dir(data_dir, "gm_synth", spec)

@@ -4,10 +4,12 @@ tokens from the saved run, retrieval evaluation and `musiclm mulan` errors."""
 import os
 
 import gin
+import jax
 import numpy as np
 import pytest
 
 from musiclm_jax import main as cli
+from musiclm_jax.partitioning import Partitioner
 from musiclm_jax.tasks import corpora
 from musiclm_jax.tasks import mulan_task
 from musiclm_jax.tokenizers import mulan_cli
@@ -30,7 +32,10 @@ def test_train_fit_rvq_tokens_and_evaluate(tiny_gm_corpus, tmp_path, capsys):
     __import__(module)
   cli.parse_gin(["gin/tokenizers/mulan_tiny.gin"],
                 [f"MODEL_DIR = '{model_dir}'", f"CORPUS_DIR = '{tiny_gm_corpus}'", *SMALLER])
-  result = trainer.train()  # pylint: disable=no-value-for-parameter
+  # On one device: 8 virtual devices on 2 cores make each step several times slower
+  # (test_mulan.py checks the data-parallel step against the single-device one).
+  result = trainer.train(  # pylint: disable=no-value-for-parameter
+      partitioner=Partitioner((1, 1, 1), devices=jax.devices()[:1]))
   out = capsys.readouterr().out
   assert "Training the text tokenizer on" in out
   assert os.path.isfile(os.path.join(model_dir, "text_tokenizer.model"))
