@@ -19,7 +19,7 @@ os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
 # and load a program another one compiled (the same tiny model's steps,
 # samplers and tokenizers) instead of compiling it. Removed at the end.
 # Beside it, a directory for what test files in any worker share
-# (tests/tiny_tokenizers.py: the tiny tokenizers, trained once per run).
+# (`tests/once_per_run.py`: the tiny corpus, tokenizers and reference runs).
 _OWNS_SHARED_DIRS = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWNS_SHARED_DIRS:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="musiclm_jax_tests_xla_")

@@ -1,5 +1,5 @@
 """Melody conditioning (issue 10): melody tokens in the token space, melody-conditioned
-stages, `generate --melody` end to end with tiny untrained models, the refusals of
+stages, `generate --melody` end to end with tiny untrained stages, the refusals of
 unusable recordings, and the melody evaluation measures."""
 from __future__ import annotations
 
