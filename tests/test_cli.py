@@ -20,18 +20,18 @@ def musiclm(*args, cwd=REPO):
 
 def test_train_runs_and_resumes_from_any_directory(tmp_path):
   args = ["train", "--gin_file=gin/runs/synthetic_tiny.gin",
-          f"--gin_bindings=MODEL_DIR='{tmp_path}'", "--gin_bindings=train.num_steps=20",
-          "--gin_bindings=train.log_every_steps=10",
+          f"--gin_bindings=MODEL_DIR='{tmp_path}'", "--gin_bindings=train.num_steps=4",
+          "--gin_bindings=train.log_every_steps=2",
           "--gin_bindings=train.eval_every_steps=0"]
   first = musiclm(*args, cwd=tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert "step 20/20 (100%)" in first.stdout and "ETA" in first.stdout
-  second = musiclm(*args[:-2], "--gin_bindings=train.num_steps=30",
+  assert "step 4/4 (100%)" in first.stdout and "ETA" in first.stdout
+  second = musiclm(*args[:-2], "--gin_bindings=train.num_steps=6",
                    "--gin_bindings=train.eval_every_steps=0", cwd=tmp_path)
   assert second.returncode == 0, second.stderr[-3000:]
-  assert "Resuming from checkpoint step 20" in second.stdout
-  assert "step 30/30" in second.stdout and "step 10/" not in second.stdout
-  manifest_path = tmp_path / "checkpoints" / "30" / "manifest" / "metadata"
+  assert "Resuming from checkpoint step 4" in second.stdout
+  assert "step 6/6" in second.stdout and "step 2/" not in second.stdout
+  manifest_path = tmp_path / "checkpoints" / "6" / "manifest" / "metadata"
   manifest = json.loads(manifest_path.read_text())
   assert manifest["token_layout"]["vocab_size"] == 25728
   assert "SyntheticTokenTask" in manifest["gin_config"]
