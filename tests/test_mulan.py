@@ -14,6 +14,7 @@ import pytest
 from musiclm_jax import audio as audio_lib
 from musiclm_jax.eval import retrieval
 from musiclm_jax.partitioning import Partitioner
+from musiclm_jax.tokenizers import melody
 from musiclm_jax.tokenizers import mulan
 from musiclm_jax.tokenizers import mulan_tokens
 from musiclm_jax.tokenizers import text as text_lib
@@ -264,3 +265,23 @@ def test_rvq_tokens_of_audio_and_text(trained, tmp_path):
   np.testing.assert_array_equal(mulan_tokens.load_rvq(str(tmp_path)), codebooks)
   assert path == str(tmp_path / mulan_tokens.RVQ_FILE)
   assert os.path.isfile(tmp_path / mulan_tokens.RVQ_MANIFEST_FILE)
+
+
+@pytest.mark.parametrize("make_config, model", [
+    (mulan.MulanConfig, mulan.MulanModel), (melody.MelodyConfig, melody.MelodyModel)])
+def test_audio_window_configs_refuse_bad_windows_and_batches(make_config, model):
+  """MuLan and the melody encoder share their window fields' checks."""
+  config = make_config(sample_rate=16000, window_seconds=0.5, hop_seconds=0.25)
+  assert (config.window_samples, config.hop_samples) == (8000, 4000)
+  assert config.compute_dtype == jnp.float32
+  with pytest.raises(ValueError, match="too short for n_fft"):
+    make_config(window_seconds=0.01, n_fft=512)
+  with pytest.raises(ValueError, match="hop_seconds 0.0 must be positive"):
+    make_config(hop_seconds=0.0)
+  with pytest.raises(TypeError):
+    make_config(dtype="float13")
+  audio = np.zeros((2, 7999), np.float32)
+  with pytest.raises(ValueError, match=r"trains on \[batch, 8000\] windows \(0.5 s at 16000"):
+    model(config).init_variables(jax.random.key(0), {
+        "audio": audio, "text_tokens": np.zeros((2, 4), np.int32),
+        "melody_id": np.zeros(2, np.int32)})

@@ -65,7 +65,7 @@ DYNAMIC_RANGE = 16.0
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class MelodyConfig:
+class MelodyConfig(mulan.AudioWindowsConfig):
   """Front end, encoder sizes and loss; `gin/tokenizers/melody_{tiny,small}.gin`."""
   embed_dim: int = 192
   # front end: `sample_rate` audio, one frame per `hop_length` samples, one
@@ -99,34 +99,17 @@ class MelodyConfig:
     if _pitch_hz(self.max_pitch + 1) >= self.sample_rate / 2:
       raise ValueError(f"max_pitch {self.max_pitch} lies above the Nyquist frequency of "
                        f"{self.sample_rate} Hz")
-    if self.window_samples <= self.n_fft // 2:
-      raise ValueError(f"window of {self.window_samples} samples is too short for "
-                       f"n_fft {self.n_fft}")
-    if self.hop_samples <= 0:
-      raise ValueError(f"hop_seconds {self.hop_seconds} must be positive")
+    self.check_windows()
     if not self.conv_channels:
       raise ValueError("conv_channels must name at least one layer")
     if self.margin <= 0:
       raise ValueError(f"margin must be positive, got {self.margin}")
     object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
     object.__setattr__(self, "conv_kernel", tuple(self.conv_kernel))
-    jnp.dtype(self.dtype)  # raises on an unknown dtype name
-
-  @property
-  def window_samples(self) -> int:
-    return int(round(self.window_seconds * self.sample_rate))
-
-  @property
-  def hop_samples(self) -> int:
-    return int(round(self.hop_seconds * self.sample_rate))
 
   @property
   def num_pitches(self) -> int:
     return self.max_pitch - self.min_pitch + 1
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
 
   def encoder_config(self) -> DecoderConfig:
     """The `DecoderConfig` of the Transformer blocks (every field given, so no
@@ -354,10 +337,7 @@ class MelodyModel:
   def _check_batch(self, batch: Batch) -> None:
     cfg = self.config
     audio, ids = np.shape(batch["audio"]), np.shape(batch["melody_id"])
-    if len(audio) != 2 or audio[1] != cfg.window_samples:
-      raise ValueError(f"batch audio has shape {audio}; the melody encoder trains on "
-                       f"[batch, {cfg.window_samples}] windows ({cfg.window_seconds} s at "
-                       f"{cfg.sample_rate} Hz)")
+    cfg.check_window_batch(audio, "the melody encoder")
     if ids != audio[:1]:
       raise ValueError(f"melody_id of shape {ids} does not pair with audio {audio}")
 

@@ -51,9 +51,50 @@ LOG_MEL_OFFSET = -4.0
 LOG_MEL_SCALE = 4.0
 
 
+class AudioWindowsConfig:
+  """What a config of an encoder of audio windows (MuLan, the melody encoder) derives
+  from its fields `sample_rate`, `window_seconds`, `hop_seconds`, `n_fft` and `dtype`:
+  the window and hop in samples, their checks, and the compute dtype."""
+
+  sample_rate: int
+  window_seconds: float
+  hop_seconds: float
+  n_fft: int
+  dtype: str
+
+  @property
+  def window_samples(self) -> int:
+    return int(round(self.window_seconds * self.sample_rate))
+
+  @property
+  def hop_samples(self) -> int:
+    return int(round(self.hop_seconds * self.sample_rate))
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  def check_windows(self) -> None:
+    """Raises ValueError for a window too short for the STFT, a hop that is not
+    positive or an unknown dtype name."""
+    if self.window_samples <= self.n_fft // 2:
+      raise ValueError(f"window of {self.window_samples} samples is too short for "
+                       f"n_fft {self.n_fft}")
+    if self.hop_samples <= 0:
+      raise ValueError(f"hop_seconds {self.hop_seconds} must be positive")
+    jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+  def check_window_batch(self, audio_shape: tuple[int, ...], model: str) -> None:
+    """Raises ValueError unless a training batch's audio is `[batch, window_samples]`."""
+    if len(audio_shape) != 2 or audio_shape[1] != self.window_samples:
+      raise ValueError(f"batch audio has shape {audio_shape}; {model} trains on "
+                       f"[batch, {self.window_samples}] windows ({self.window_seconds} s at "
+                       f"{self.sample_rate} Hz)")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class MulanConfig:
+class MulanConfig(AudioWindowsConfig):
   """Sizes of both towers, the audio front end and the loss.
 
   `gin/tokenizers/mulan_{tiny,small}.gin` bind these. Transformer widths are
@@ -98,27 +139,10 @@ class MulanConfig:
     if not 0 < self.min_temperature <= self.initial_temperature <= 1:
       raise ValueError(f"need 0 < min_temperature ({self.min_temperature}) <= "
                        f"initial_temperature ({self.initial_temperature}) <= 1")
-    if self.window_samples <= self.n_fft // 2:
-      raise ValueError(f"window of {self.window_samples} samples is too short for "
-                       f"n_fft {self.n_fft}")
-    if self.hop_samples <= 0:
-      raise ValueError(f"hop_seconds {self.hop_seconds} must be positive")
+    self.check_windows()
     if not self.cnn_channels:
       raise ValueError("cnn_channels must name at least one stage")
     object.__setattr__(self, "cnn_channels", tuple(self.cnn_channels))
-    jnp.dtype(self.dtype)  # raises on an unknown dtype name
-
-  @property
-  def window_samples(self) -> int:
-    return int(round(self.window_seconds * self.sample_rate))
-
-  @property
-  def hop_samples(self) -> int:
-    return int(round(self.hop_seconds * self.sample_rate))
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
 
   def encoder_config(self, tower: str) -> DecoderConfig:
     """The `DecoderConfig` whose pre-norm blocks the `tower` ('audio'/'text') stacks.
@@ -451,10 +475,7 @@ class MulanModel:
   def _check_batch(self, batch: Batch) -> None:
     cfg = self.config
     audio, tokens = np.shape(batch["audio"]), np.shape(batch["text_tokens"])
-    if len(audio) != 2 or audio[1] != cfg.window_samples:
-      raise ValueError(f"batch audio has shape {audio}; MuLan trains on "
-                       f"[batch, {cfg.window_samples}] windows ({cfg.window_seconds} s at "
-                       f"{cfg.sample_rate} Hz)")
+    cfg.check_window_batch(audio, "MuLan")
     if len(tokens) != 2 or tokens[0] != audio[0]:
       raise ValueError(f"text_tokens of shape {tokens} do not pair with audio {audio}")
 
