@@ -26,7 +26,7 @@ pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
   SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_STEP_NUM_TASKS=$SLURM_NTASKS \\
     SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST JAX_PLATFORMS=cpu \\
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 "$@" &
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=4" "$@" &
   pids+=($!)
 done
 status=0

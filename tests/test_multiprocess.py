@@ -17,7 +17,9 @@ def train(command, model_dir, devices, log_dir):
   # Partitionable threefry: with the other one (tests/conftest.py) the sharded
   # initialisation holds independent collectives that the processes can issue
   # in different orders, and gloo aborts (about one run in four).
-  env = dict(os.environ, XLA_FLAGS="", LOG_DIR=str(log_dir), JAX_THREEFRY_PARTITIONABLE="true")
+  # The launchers add their device count to these flags.
+  env = dict(os.environ, XLA_FLAGS=xla_env.TEST_XLA_FLAGS, LOG_DIR=str(log_dir),
+             JAX_THREEFRY_PARTITIONABLE="true")
   if devices:
     env["XLA_FLAGS"] = xla_env.xla_flags(devices)
   result = subprocess.run(
