@@ -481,13 +481,13 @@ class MelodyTokenizer:
   """
 
   def __init__(self, model: MelodyModel, variables: Any, codebooks: np.ndarray | None = None,
-               batch_size: int = 32):
+               batch_size: int = 32, checkpoint_step: int | None = None):
     self.model = model
     self.config = model.config
     self.variables = {"params": variables["params"]}
     self.codebooks = None if codebooks is None else jnp.asarray(codebooks, jnp.float32)
     self.batch_size = batch_size
-    self.checkpoint_step = None  # set by `load`: the step read
+    self.checkpoint_step = checkpoint_step  # the step `load` read; None from parts
     self._embed = jax.jit(functools.partial(melody_embeddings, model))
 
   @classmethod
@@ -500,9 +500,8 @@ class MelodyTokenizer:
       step = checkpoints.fitted_step(os.path.join(model_dir, RVQ_MANIFEST_FILE))
     variables, manifest = checkpoints.load_trained_variables(model_dir, step)
     model = MelodyModel(config_from_manifest(manifest))
-    loaded = cls(model, variables, load_rvq(model_dir) if with_rvq else None, batch_size)
-    loaded.checkpoint_step = manifest["step"]
-    return loaded
+    return cls(model, variables, load_rvq(model_dir) if with_rvq else None, batch_size,
+               checkpoint_step=manifest["step"])
 
   def embeddings(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
     """float32 `[B, windows, embed_dim]` of `wav [B, samples]` (or `[samples]`),

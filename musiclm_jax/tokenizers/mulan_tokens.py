@@ -75,14 +75,15 @@ class MulanTokenizer:
   """
 
   def __init__(self, model: MulanModel, variables: Any, text_tokenizer: text_lib.TextTokenizer,
-               codebooks: np.ndarray | None = None, batch_size: int = 32):
+               codebooks: np.ndarray | None = None, batch_size: int = 32,
+               checkpoint_step: int | None = None):
     self.model = model
     self.config = model.config
     self.variables = {"params": variables["params"]}
     self.text_tokenizer = text_tokenizer
     self.codebooks = None if codebooks is None else jnp.asarray(codebooks, jnp.float32)
     self.batch_size = batch_size
-    self.checkpoint_step = None  # set by `load`: the step read
+    self.checkpoint_step = checkpoint_step  # the step `load` read; None from parts
     self._embed_clips, self._embed_text = _jitted_embedders(model.config)
 
   @classmethod
@@ -97,10 +98,8 @@ class MulanTokenizer:
     variables, manifest = checkpoints.load_trained_variables(model_dir, step)
     model = MulanModel(config_from_manifest(manifest))
     tokenizer = text_lib.TextTokenizer(os.path.join(model_dir, TEXT_TOKENIZER_FILE))
-    loaded = cls(model, variables, tokenizer, load_rvq(model_dir) if with_rvq else None,
-                 batch_size)
-    loaded.checkpoint_step = manifest["step"]
-    return loaded
+    return cls(model, variables, tokenizer, load_rvq(model_dir) if with_rvq else None,
+               batch_size, checkpoint_step=manifest["step"])
 
   # -- embeddings --------------------------------------------------------------
   def audio_embeddings(self, wav: np.ndarray, sample_rate: int,
