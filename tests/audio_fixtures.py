@@ -17,6 +17,22 @@ def tone(seconds: float, rate: int, freqs=(220.0, 277.2, 329.6), level: float = 
   return np.stack([wav * (0.8 + 0.2 * c) for c in range(channels)], axis=1).astype(np.float32)
 
 
+def tune(pitches, step=0.25, shift=0, harmonics=(1.0,), rate=16000) -> np.ndarray:
+  """A played melody: one note of MIDI pitch p + shift per `step` seconds."""
+  notes = []
+  for p in pitches:
+    f = 440.0 * 2.0 ** ((p + shift - 69) / 12)
+    t = np.arange(int(step * rate)) / rate
+    envelope = np.minimum(1.0, np.minimum(t, step - t) * 50)
+    notes.append(envelope * sum(a * np.sin(2 * np.pi * f * (k + 1) * t)
+                                for k, a in enumerate(harmonics)))
+  return (0.3 * np.concatenate(notes)).astype(np.float32)
+
+
+TUNE_A = [60, 62, 64, 65, 67, 65, 64, 62, 60, 67, 64, 60, 62, 64, 62, 60]
+TUNE_B = [64, 64, 71, 69, 60, 72, 62, 62, 66, 61, 70, 63, 67, 67, 59, 65]
+
+
 def write_audio_folder(directory: str, seconds: float = 2.0) -> dict[str, str]:
   """Writes a folder with good and bad files and captions.jsonl.
 

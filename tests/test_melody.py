@@ -20,6 +20,7 @@ from musiclm_jax.music import melody_renditions as mr
 from musiclm_jax.tokenizers import melody
 from musiclm_jax.training.optimizers import Optimizer
 from musiclm_jax.training.train_state import TrainState
+from audio_fixtures import TUNE_A, TUNE_B, tune
 
 TINY_GIN = os.path.join(os.path.dirname(__file__), "..", "gin", "tokenizers",
                         "melody_tiny.gin")
@@ -187,6 +188,39 @@ def _tiny_config() -> melody.MelodyConfig:
   config = melody.MelodyConfig()
   gin.clear_config()
   return config
+
+
+def test_pitch_class_encoder_is_invariant_to_transposition():
+  """With `pitch_classes`, features rolled around the circle of pitch classes (a
+  transposition) embed exactly where they did; the semitone-grid encoder moves
+  them as far as another tune lies."""
+  config = _tiny_config()
+  tunes = jnp.stack([tune(TUNE_A)[:config.window_samples], tune(TUNE_B)[:config.window_samples]])
+  for pitch_classes in (True, False):
+    cfg = dataclasses.replace(config, pitch_classes=pitch_classes)
+    encoder = melody.MelodyEncoder(cfg)
+    variables = encoder.init(jax.random.key(0), tunes)
+    features = melody.pitch_features(cfg, tunes)
+    frames = config.window_samples // config.hop_length + 1
+    assert features.shape == (2, frames, 12 if pitch_classes else config.num_pitches)
+    embed = lambda f: np.asarray(encoder.apply(variables, f,  # pylint: disable=cell-var-from-loop
+                                               method=melody.MelodyEncoder.embed_features))
+    plain = embed(features)
+    np.testing.assert_allclose(plain, encoder.apply(variables, tunes), atol=1e-6)
+    between_tunes = np.abs(plain[0] - plain[1]).max()
+    for shift in (1, 5, -4):
+      moved = np.abs(embed(jnp.roll(features, shift, axis=2)) - plain).max()
+      if pitch_classes:
+        assert moved < 1e-4 * between_tunes
+      else:
+        assert moved > 0.3 * between_tunes
+  # The pitch classes of a tune in another key and octave are the rolled ones.
+  cfg = dataclasses.replace(config, pitch_classes=True)
+  moved = melody.pitch_features(cfg, tune(TUNE_A, shift=-7)[None, :config.window_samples])[0]
+  notes = config.window_samples // 4000  # 0.25 s notes at 16 kHz
+  middle = [int(round((i + 0.5) * 4000 / config.hop_length)) for i in range(notes)]
+  np.testing.assert_array_equal(np.argmax(moved[np.array(middle)], axis=1),
+                                (np.array(TUNE_A[:notes]) - 7) % 12)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from musiclm_jax.tasks import token_tasks
 from musiclm_jax.tokenizers import frozen
 from musiclm_jax.tokenizers import melody as melody_lib
 from musiclm_jax.tokenizers import melody_cli
+from audio_fixtures import TUNE_A, TUNE_B, tune
 import tiny_tokenizers
 import xla_env
 
@@ -165,22 +166,6 @@ def test_melody_conditioning_errors_are_clear():
 # ---------------------------------------------------------------- recordings and evaluation
 
 
-def tune(pitches, step=0.25, shift=0, harmonics=(1.0,), rate=16000) -> np.ndarray:
-  """A played melody: one note of MIDI pitch p + shift per `step` seconds."""
-  notes = []
-  for p in pitches:
-    f = 440.0 * 2.0 ** ((p + shift - 69) / 12)
-    t = np.arange(int(step * rate)) / rate
-    envelope = np.minimum(1.0, np.minimum(t, step - t) * 50)
-    notes.append(envelope * sum(a * np.sin(2 * np.pi * f * (k + 1) * t)
-                                for k, a in enumerate(harmonics)))
-  return (0.3 * np.concatenate(notes)).astype(np.float32)
-
-
-TUNE_A = [60, 62, 64, 65, 67, 65, 64, 62, 60, 67, 64, 60, 62, 64, 62, 60]
-TUNE_B = [64, 64, 71, 69, 60, 72, 62, 62, 66, 61, 70, 63, 67, 67, 59, 65]
-
-
 def test_unusable_recordings_are_refused_with_the_reason():
   config = melody_lib.MelodyConfig(window_seconds=1.0, hop_seconds=0.5)
   rng = np.random.default_rng(0)
@@ -238,6 +223,21 @@ def test_retrieval_accuracy_on_known_embeddings():
       emb.reshape(6, 3, 16)), axis=1), 1.0, rtol=1e-6)
   with pytest.raises(ValueError, match="several renditions"):
     melody_eval.retrieval_accuracy(emb[:6], np.arange(6))
+
+
+def test_chroma_retrieval_finds_renditions_in_other_keys_and_timbres():
+  config = melody_lib.MelodyConfig()
+  rich = (1.0, 0.5, 0.3)
+  tunes = [TUNE_A, TUNE_B, TUNE_A[::-1]]
+  clips = np.stack([clip for i, pitches in enumerate(tunes)
+                    for clip in (tune(pitches), tune(pitches, shift=2 * i - 5, harmonics=rich))])
+  ids = np.repeat(np.arange(3), 2)
+  report = melody_eval.chroma_retrieval_accuracy(config, clips, ids)
+  assert report == {"accuracy": 1.0, "chance": pytest.approx(1 / 5), "num_queries": 6,
+                    "num_melodies": 3, "num_candidates": 6}
+  # Another tune's clip stands in for each second rendition: nothing to find.
+  assert melody_eval.chroma_retrieval_accuracy(config, clips, [0, 1, 1, 2, 2, 0])[
+      "accuracy"] == 0.0
 
 
 # ---------------------------------------------------------------- end to end, tiny models
@@ -526,3 +526,4 @@ def test_cli_melody_prepare_fit_rvq_and_eval(tokenizer_dirs, tmp_path):
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   retrieval = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])["retrieval"]
   assert 0.0 <= retrieval["accuracy"] <= 1.0 and retrieval["num_candidates"] >= 4
+  assert 0.0 <= retrieval["chroma_accuracy"] <= 1.0

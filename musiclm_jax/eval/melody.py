@@ -7,11 +7,13 @@ generated audio follows a melody.
 Retrieval (`retrieval_accuracy`): each test clip's embedding (its windows'
 mean, re-normalised) looks for its nearest neighbour among the clips of up to
 100 test melodies; it is right when that neighbour is a rendition of its own
-melody. Chance is the share of the other candidates that are.
+melody. Chance is the share of the other candidates that are, and
+`chroma_retrieval_accuracy` the same retrieval by the contour similarity
+below, with no model: what a trained encoder should beat.
 
 Generation (`contour_similarity`): a key-invariant pitch-contour similarity,
 the largest over the 12 transpositions of the correlation of two chroma
-sequences (power on the encoder's semitone grid, `melody.pitch_features`,
+sequences (power on the encoder's semitone grid, `melody.semitone_power`,
 folded into 12 pitch classes), frame by frame over their common length.
 `evaluate_generation` reports it for samples generated with the melody and,
 beside it, for samples of the same prompts and seeds generated without it.
@@ -48,21 +50,43 @@ def retrieval_accuracy(embeddings: np.ndarray, melody_ids: Sequence[int],
     candidates), `chance`, `num_queries`, `num_melodies`, `num_candidates`.
   """
   embeddings = np.asarray(embeddings, np.float32)
+  if embeddings.ndim != 2 or len(embeddings) != len(melody_ids):
+    raise ValueError(f"embeddings {embeddings.shape} and melody_ids {np.shape(melody_ids)} "
+                     "do not pair")
+  return _nearest_neighbour_retrieval(embeddings @ embeddings.T, melody_ids, max_melodies,
+                                      seed)
+
+
+def chroma_retrieval_accuracy(config: melody_lib.MelodyConfig, clips: np.ndarray,
+                              melody_ids: Sequence[int], max_melodies: int = 100,
+                              seed: int = 0) -> dict[str, float]:
+  """`retrieval_accuracy` without a model: the clips' similarity is the
+  key-invariant chroma correlation of `contour_similarity`. A reference for
+  what a trained encoder should beat.
+
+  Args:
+    clips: float32 `[clips, samples]` at `config.sample_rate`.
+  """
+  chromas = np.stack([chroma(config, wav) for wav in np.asarray(clips, np.float32)])
+  similarity = _transposition_correlations(chromas, chromas).max(axis=-1)
+  return _nearest_neighbour_retrieval(similarity, melody_ids, max_melodies, seed)
+
+
+def _nearest_neighbour_retrieval(similarity: np.ndarray, melody_ids: Sequence[int],
+                                 max_melodies: int, seed: int) -> dict[str, float]:
+  """`retrieval_accuracy` of clips with pairwise `similarity [clips, clips]`."""
   ids = np.asarray(melody_ids)
-  if embeddings.ndim != 2 or len(embeddings) != len(ids):
-    raise ValueError(f"embeddings {embeddings.shape} and melody_ids {ids.shape} do not pair")
   melodies = np.unique(ids)
   if len(melodies) > max_melodies:
     melodies = np.sort(np.random.default_rng(seed).choice(melodies, max_melodies,
                                                           replace=False))
   keep = np.isin(ids, melodies)
-  emb, ids = embeddings[keep], ids[keep]
+  similarity, ids = np.array(similarity[np.ix_(keep, keep)], np.float64), ids[keep]
   same = ids[:, None] == ids[None, :]
   np.fill_diagonal(same, False)
   queries = same.any(axis=1)
   if not queries.any():
     raise ValueError("no melody has two clips: retrieval needs several renditions per melody")
-  similarity = emb @ emb.T
   np.fill_diagonal(similarity, -np.inf)
   nearest = np.argmax(similarity, axis=1)
   correct = ids[nearest] == ids
@@ -79,11 +103,10 @@ def chroma(config: melody_lib.MelodyConfig, wav: np.ndarray) -> np.ndarray:
     float32 `[frames, 12]`: per frame, the semitone-grid power (relative to the
     clip's peak) summed over octaves per pitch class, L2-normalised.
   """
-  features = np.asarray(melody_lib.pitch_features(config, jnp.asarray(wav, jnp.float32)[None]))[0]
-  power = np.exp((features - 1.0) * melody_lib.DYNAMIC_RANGE)  # relative power, peak 1
-  pitch_class = (config.min_pitch + np.arange(config.num_pitches)) % 12
-  folded = np.zeros((len(power), 12), np.float64)
-  np.add.at(folded.T, pitch_class, power.T)
+  power = np.asarray(melody_lib.semitone_power(config, jnp.asarray(wav, jnp.float32)[None]))[0]
+  power = np.maximum(power / max(float(power.max()), 1e-30),
+                     np.exp(-melody_lib.DYNAMIC_RANGE))  # relative power, peak 1
+  folded = np.asarray(melody_lib.fold_octaves(config, jnp.asarray(power)), np.float64)
   return (folded / np.maximum(np.linalg.norm(folded, axis=1, keepdims=True), 1e-12)
           ).astype(np.float32)
 
@@ -100,14 +123,22 @@ def contour_similarity(config: melody_lib.MelodyConfig, reference: np.ndarray,
   """
   a, b = chroma(config, reference), chroma(config, other)
   n = min(len(a), len(b))
-  a = a[:n].reshape(-1) - a[:n].mean()
-  scores = []
-  for shift in range(12):
-    rolled = np.roll(b[:n], shift, axis=1).reshape(-1)
-    rolled = rolled - rolled.mean()
-    scores.append(float(a @ rolled / max(np.linalg.norm(a) * np.linalg.norm(rolled), 1e-12)))
+  scores = _transposition_correlations(a[None, :n], b[None, :n])[0, 0]
   best = int(np.argmax(scores))
-  return {"similarity": scores[best], "transposition": best}
+  return {"similarity": float(scores[best]), "transposition": best}
+
+
+def _transposition_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Pearson correlations `[A, B, 12]` of chroma sequences `a [A, frames, 12]` with
+  `b [B, frames, 12]` rolled by 0..11 pitch classes."""
+  def unit_rows(x):
+    x = x.reshape(len(x), -1).astype(np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+  rows = unit_rows(a)
+  return np.stack([rows @ unit_rows(np.roll(b, shift, axis=2)).T for shift in range(12)],
+                  axis=-1)
 
 
 def evaluate_retrieval(tokenizer: melody_lib.MelodyTokenizer, clips: np.ndarray,

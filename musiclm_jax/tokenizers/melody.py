@@ -5,15 +5,21 @@ L2-normalised embedding (192-d) in which renditions of one melody (other
 instrument, key, register, tempo, accompaniment, hummed) lie close together
 and other melodies far away:
 
-  audio -> log power on a semitone grid (STFT through triangular filters
-  centred on MIDI pitches, `layers/spectral.py`), normalised to the window's
-  peak -> 2-D convolutions over (time, pitch) -> per frame, the pitch axis
-  flattened (`pitch_pooling='flatten'`: key invariance is learnt from the
-  transposed renditions) or maxed over (`'max'`: a transposition moves the
-  pattern along the pitch axis, so the max is key- and register-invariant by
-  construction, but it keeps little of the contour; at the tiny size it did
-  not separate all melodies) -> Transformer over time -> mean over time ->
-  projection.
+  audio -> power on a semitone grid (STFT through triangular filters centred
+  on MIDI pitches, `layers/spectral.py`), with `pitch_classes` summed over
+  octaves into 12 pitch classes -> log, relative to the window's peak ->
+  2-D convolutions over (time, pitch) -> per frame, the pitch axis flattened
+  (`pitch_pooling='flatten'`) or maxed over (`'max'`, which keeps little of
+  the contour) -> Transformer over time -> mean over time -> projection.
+
+With `pitch_classes` the embedding is invariant to key and register by
+construction: the convolutions wrap around the circle of pitch classes, the
+rest of the encoder runs on all 12 rotations of their output (one per
+transposition) and the 12 embeddings are max-pooled. Without it (semitone
+grid, the only recipe before 2026-12-07) the invariance must be learnt from
+the transposed renditions, and on the 1000-melody CPU corpus it was not: a
+test rendition found its melody among 100 in 8 % of queries
+(`benchmarks/RESULTS.md`, "Melody conditioning on CPU", has both encoders).
 
 It is trained (`MelodyModel`, generic trainer) with the semi-hard triplet
 loss on batches of K melodies x R renditions (`MelodyTask` reads the
@@ -77,6 +83,11 @@ class MelodyConfig(mulan.AudioWindowsConfig):
   hop_length: int = 320
   min_pitch: int = 36
   max_pitch: int = 108
+  # Fold the semitone grid into 12 pitch classes (register invariance) and
+  # max-pool the embeddings of all 12 transpositions (key invariance; 12x the
+  # work after the convolutions). Every gin recipe sets it; the default False
+  # is what checkpoints that predate the field were trained with.
+  pitch_classes: bool = False
   # encoder
   conv_channels: tuple[int, ...] = (32, 64)
   conv_kernel: tuple[int, int] = (3, 7)  # (frames, semitones)
@@ -148,20 +159,48 @@ def semitone_filterbank(sample_rate: int, n_fft: int, min_pitch: int,
   return (weights / weights.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
-def pitch_features(config: MelodyConfig, wav: jax.Array) -> jax.Array:
-  """Log power on the semitone grid, relative to each window's peak.
+def semitone_power(config: MelodyConfig, wav: jax.Array) -> jax.Array:
+  """Power on the semitone grid.
 
   Args:
     wav: float `[batch, window_samples]` at `config.sample_rate`.
   Returns:
-    float32 `[batch, frames, num_pitches]` in `[0, 1]` (1 at the window's
-    peak, 0 at DYNAMIC_RANGE below it or lower): invariant to the level.
+    float32 `[batch, frames, num_pitches]`, pitch `config.min_pitch + i` in bin i.
   """
   power = jnp.square(jnp.abs(spectral.stft(wav, config.n_fft, config.hop_length)))
-  log_power = jnp.log(power @ semitone_filterbank(config.sample_rate, config.n_fft,
-                                                  config.min_pitch, config.max_pitch) + 1e-10)
+  return power @ semitone_filterbank(config.sample_rate, config.n_fft, config.min_pitch,
+                                     config.max_pitch)
+
+
+def fold_octaves(config: MelodyConfig, power: jax.Array) -> jax.Array:
+  """Semitone-grid power `[..., num_pitches]` summed per pitch class: `[..., 12]`,
+  C in bin 0 (MIDI pitch p goes to bin p mod 12)."""
+  pitch_class = (config.min_pitch + np.arange(config.num_pitches)) % 12
+  return power @ jnp.asarray(np.eye(12, dtype=np.float32)[pitch_class])
+
+
+def _relative_log_power(power: jax.Array) -> jax.Array:
+  """`[batch, frames, bins]` power -> log power in `[0, 1]` relative to each
+  window's peak (1 at the peak, 0 at DYNAMIC_RANGE below it or lower)."""
+  log_power = jnp.log(power + 1e-10)
   peak = jnp.max(log_power, axis=(1, 2), keepdims=True)
   return jnp.clip(1.0 + (log_power - peak) / DYNAMIC_RANGE, 0.0, 1.0)
+
+
+def pitch_features(config: MelodyConfig, wav: jax.Array) -> jax.Array:
+  """The encoder's input: log power on the semitone grid, or per pitch class
+  when `config.pitch_classes`, relative to each window's peak.
+
+  Args:
+    wav: float `[batch, window_samples]` at `config.sample_rate`.
+  Returns:
+    float32 `[batch, frames, bins]` in `[0, 1]` (invariant to the level), bins
+    `config.num_pitches` or 12.
+  """
+  power = semitone_power(config, wav)
+  if config.pitch_classes:
+    power = fold_octaves(config, power)
+  return _relative_log_power(power)
 
 
 # A frame is pitched when a semitone's log power stands this far (natural log,
@@ -181,10 +220,7 @@ def pitch_salience(config: MelodyConfig, wav: np.ndarray) -> np.ndarray:
     float32 `[frames]`: max over pitches of log power (smoothed over 3 frames)
     minus its mean over the 13 semitones centred on it (edges held).
   """
-  power = np.square(np.abs(np.asarray(spectral.stft(
-      jnp.asarray(wav, jnp.float32)[None], config.n_fft, config.hop_length))[0]))
-  power = power @ semitone_filterbank(config.sample_rate, config.n_fft, config.min_pitch,
-                                      config.max_pitch)
+  power = np.asarray(semitone_power(config, jnp.asarray(wav, jnp.float32)[None]))[0]
   padded = np.pad(power, ((1, 1), (0, 0)), mode="edge")
   log_power = np.log((padded[:-2] + padded[1:-1] + padded[2:]) / 3.0 + 1e-10)
   rows = np.pad(log_power, ((0, 0), (6, 6)), mode="edge")
@@ -228,24 +264,45 @@ def check_melody_recording(config: MelodyConfig, wav: np.ndarray,
 
 
 class MelodyEncoder(nn.Module):
-  """`wav [batch, window_samples]` -> L2-normalised float32 `[batch, embed_dim]`."""
+  """`wav [batch, window_samples]` -> L2-normalised float32 `[batch, embed_dim]`.
+
+  With `config.pitch_classes`, the convolutions wrap around the circle of
+  pitch classes, so transposing the input rolls their output along it; the
+  rest of the encoder then runs on all 12 rolls of that output (one roll per
+  transposition, the convolutions computed once) and each embedding
+  dimension takes its largest value over the 12 (averaging them instead
+  washed out what tells melodies apart: the tiny encoder then could not
+  overfit 6 melodies).
+  """
   config: MelodyConfig
 
-  @nn.compact
   def __call__(self, wav: jax.Array) -> jax.Array:
+    return self.embed_features(pitch_features(self.config, wav))
+
+  @nn.compact
+  def embed_features(self, features: jax.Array) -> jax.Array:
+    """`pitch_features` `[batch, frames, bins]` -> L2-normalised `[batch, embed_dim]`."""
     cfg = self.config
     dtype = cfg.compute_dtype
-    x = pitch_features(cfg, wav)[..., None].astype(dtype)  # [batch, frames, pitches, 1]
+    x = features[..., None].astype(dtype)  # [batch, frames, bins, 1]
     kernel_t, kernel_p = cfg.conv_kernel
     for i, channels in enumerate(cfg.conv_channels):
-      # Halves the frame rate; the pitch axis keeps its resolution (and, padded
-      # with zeros, shifts equivariantly with transposition).
+      # Halves the frame rate; the pitch axis keeps its resolution and shifts
+      # equivariantly with transposition (padded with zeros on the semitone grid).
+      if cfg.pitch_classes:
+        x = jnp.pad(x, ((0, 0), (0, 0), (kernel_p // 2, kernel_p // 2), (0, 0)), mode="wrap")
+        pitch_padding = (0, 0)
+      else:
+        pitch_padding = (kernel_p // 2, kernel_p // 2)
       x = nn.Conv(channels, (kernel_t, kernel_p), strides=(2, 1),
-                  padding=((kernel_t // 2, kernel_t // 2), (kernel_p // 2, kernel_p // 2)),
+                  padding=((kernel_t // 2, kernel_t // 2), pitch_padding),
                   dtype=dtype, param_dtype=jnp.float32, name=f"conv_{i}")(x)
       x = nn.gelu(x)
+    batch = x.shape[0]
+    if cfg.pitch_classes:  # [12 * batch, frames, 12, channels], transposition-major
+      x = jnp.concatenate([jnp.roll(x, shift, axis=2) for shift in range(12)])
     if cfg.pitch_pooling == "max":
-      x = jnp.max(x, axis=2)  # [batch, frames, channels]
+      x = jnp.max(x, axis=2)  # [rows, frames, channels]
     else:
       x = x.reshape(x.shape[0], x.shape[1], -1)
     x = Projection((cfg.d_model,), ("mlp", "embed"), dtype=dtype, name="frame_embed")(x)
@@ -254,6 +311,8 @@ class MelodyEncoder(nn.Module):
     pooled = jnp.mean(x.astype(jnp.float32), axis=1)
     projected = Projection((cfg.embed_dim,), ("embed", "mlp"), dtype=jnp.float32,
                            name="projection")(pooled)
+    if cfg.pitch_classes:
+      projected = jnp.max(projected.reshape(-1, batch, cfg.embed_dim), axis=0)
     return mulan.l2_normalize(projected)
 
 

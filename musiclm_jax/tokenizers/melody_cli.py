@@ -40,13 +40,18 @@ def fit_rvq(model_dir: str, data_dir: str, max_clips: Optional[int] = None) -> d
 
 def evaluate_retrieval(model_dir: str, data_dir: str, split: str = "test",
                        max_melodies: int = 100) -> dict[str, Any]:
-  """Rendition retrieval among up to `max_melodies` melodies of a split."""
+  """Rendition retrieval among up to `max_melodies` melodies of a split, and beside
+  it `chroma_accuracy`, the same retrieval by key-invariant chroma correlation
+  (no model)."""
   tokenizer = melody.MelodyTokenizer.load(model_dir, with_rvq=False)
   data = melody_pairs.load_split(data_dir, split)
   rate = melody_pairs.read_manifest(data_dir)["sample_rate"]
   report = melody_eval.evaluate_retrieval(tokenizer, data["audio"], rate, data["melody_id"],
                                           max_melodies)
-  return dict(report, split=split)
+  clips = audio.resample(data["audio"], rate, tokenizer.config.sample_rate)
+  reference = melody_eval.chroma_retrieval_accuracy(tokenizer.config, clips, data["melody_id"],
+                                                    max_melodies)
+  return dict(report, split=split, chroma_accuracy=reference["accuracy"])
 
 
 def evaluate_generation(generator: Any, data_dir: str, prompt: str, seconds: float,
