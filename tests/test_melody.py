@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import flax.linen as nn
@@ -199,14 +200,15 @@ def test_pitch_class_encoder_is_invariant_to_transposition():
   for pitch_classes in (True, False):
     cfg = dataclasses.replace(config, pitch_classes=pitch_classes)
     encoder = melody.MelodyEncoder(cfg)
-    variables = encoder.init(jax.random.key(0), tunes)
+    variables = jax.jit(encoder.init)(jax.random.key(0), tunes)
     features = melody.pitch_features(cfg, tunes)
     frames = config.window_samples // config.hop_length + 1
     assert features.shape == (2, frames, 12 if pitch_classes else config.num_pitches)
-    embed = lambda f: np.asarray(encoder.apply(variables, f,  # pylint: disable=cell-var-from-loop
+    embed_features = jax.jit(functools.partial(encoder.apply,
                                                method=melody.MelodyEncoder.embed_features))
+    embed = lambda f: np.asarray(embed_features(variables, f))  # pylint: disable=cell-var-from-loop
     plain = embed(features)
-    np.testing.assert_allclose(plain, encoder.apply(variables, tunes), atol=1e-6)
+    np.testing.assert_allclose(plain, jax.jit(encoder.apply)(variables, tunes), atol=1e-6)
     between_tunes = np.abs(plain[0] - plain[1]).max()
     for shift in (1, 5, -4):
       moved = np.abs(embed(jnp.roll(features, shift, axis=2)) - plain).max()
@@ -221,6 +223,19 @@ def test_pitch_class_encoder_is_invariant_to_transposition():
   middle = [int(round((i + 0.5) * 4000 / config.hop_length)) for i in range(notes)]
   np.testing.assert_array_equal(np.argmax(moved[np.array(middle)], axis=1),
                                 (np.array(TUNE_A[:notes]) - 7) % 12)
+
+
+def test_a_checkpoint_from_before_pitch_classes_loads_as_it_was_trained():
+  """Manifests written before `pitch_classes` existed lack the field: the
+  semitone-grid encoder they were trained as, not the gin recipes' default."""
+  config = _tiny_config()
+  assert config.pitch_classes  # every gin recipe sets it
+  stored = {k: v for k, v in dataclasses.asdict(config).items() if k != "pitch_classes"}
+  old = melody.config_from_manifest({"model": "MelodyModel", "model_config": stored})
+  assert not old.pitch_classes and old.conv_channels == config.conv_channels
+  with pytest.raises(ValueError, match="fields this code lacks"):
+    melody.config_from_manifest({"model": "MelodyModel",
+                                 "model_config": dict(stored, pitch_shift_pooling=True)})
 
 
 @pytest.fixture(scope="module")
