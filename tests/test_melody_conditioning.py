@@ -223,6 +223,8 @@ def test_retrieval_accuracy_on_known_embeddings():
       emb.reshape(6, 3, 16)), axis=1), 1.0, rtol=1e-6)
   with pytest.raises(ValueError, match="several renditions"):
     melody_eval.retrieval_accuracy(emb[:6], np.arange(6))
+  with pytest.raises(ValueError, match="17 melody_ids do not pair"):
+    melody_eval.retrieval_accuracy(emb, ids[:17])
 
 
 def test_chroma_retrieval_finds_renditions_in_other_keys_and_timbres():
@@ -526,4 +528,8 @@ def test_cli_melody_prepare_fit_rvq_and_eval(tokenizer_dirs, tmp_path):
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   retrieval = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])["retrieval"]
   assert 0.0 <= retrieval["accuracy"] <= 1.0 and retrieval["num_candidates"] >= 4
-  assert 0.0 <= retrieval["chroma_accuracy"] <= 1.0
+  train = melody_pairs.load_split(data_dir, "train")
+  config = melody_lib.MelodyTokenizer.load(model_dir).config
+  expected = melody_eval.chroma_retrieval_accuracy(
+      config, audio.resample(train["audio"], 24000, config.sample_rate), train["melody_id"])
+  assert retrieval["chroma_accuracy"] == pytest.approx(expected["accuracy"])

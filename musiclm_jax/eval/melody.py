@@ -50,9 +50,8 @@ def retrieval_accuracy(embeddings: np.ndarray, melody_ids: Sequence[int],
     candidates), `chance`, `num_queries`, `num_melodies`, `num_candidates`.
   """
   embeddings = np.asarray(embeddings, np.float32)
-  if embeddings.ndim != 2 or len(embeddings) != len(melody_ids):
-    raise ValueError(f"embeddings {embeddings.shape} and melody_ids {np.shape(melody_ids)} "
-                     "do not pair")
+  if embeddings.ndim != 2:
+    raise ValueError(f"embeddings must be [clips, D]; got shape {embeddings.shape}")
   return _nearest_neighbour_retrieval(embeddings @ embeddings.T, melody_ids, max_melodies,
                                       seed)
 
@@ -76,6 +75,8 @@ def _nearest_neighbour_retrieval(similarity: np.ndarray, melody_ids: Sequence[in
                                  max_melodies: int, seed: int) -> dict[str, float]:
   """`retrieval_accuracy` of clips with pairwise `similarity [clips, clips]`."""
   ids = np.asarray(melody_ids)
+  if similarity.shape != (len(ids), len(ids)):
+    raise ValueError(f"{similarity.shape[0]} clips and {len(ids)} melody_ids do not pair")
   melodies = np.unique(ids)
   if len(melodies) > max_melodies:
     melodies = np.sort(np.random.default_rng(seed).choice(melodies, max_melodies,
@@ -144,9 +145,14 @@ def _transposition_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def evaluate_retrieval(tokenizer: melody_lib.MelodyTokenizer, clips: np.ndarray,
                        sample_rate: int, melody_ids: Sequence[int], max_melodies: int = 100,
                        seed: int = 0) -> dict[str, float]:
-  """`retrieval_accuracy` of a trained encoder on clips `[N, samples]`."""
-  return retrieval_accuracy(mean_embeddings(tokenizer.embeddings(clips, sample_rate)),
-                            melody_ids, max_melodies, seed)
+  """`retrieval_accuracy` of a trained encoder on clips `[N, samples]`, and
+  `chroma_accuracy`: `chroma_retrieval_accuracy` over the same candidates."""
+  rate = tokenizer.config.sample_rate
+  clips = audio.resample(np.asarray(clips, np.float32), sample_rate, rate)
+  report = retrieval_accuracy(mean_embeddings(tokenizer.embeddings(clips, rate)), melody_ids,
+                              max_melodies, seed)
+  reference = chroma_retrieval_accuracy(tokenizer.config, clips, melody_ids, max_melodies, seed)
+  return dict(report, chroma_accuracy=reference["accuracy"])
 
 
 def evaluate_generation(generator: Any, melodies: Sequence[np.ndarray], prompt: str,
