@@ -8,6 +8,7 @@
     musiclm semantic {fit_kmeans|tokens} --checkpoint=MODEL_DIR ...
     musiclm eval {codec|mulan|semantic} --checkpoint=MODEL_DIR --corpus_dir=DIR
     musiclm eval generation --bundle=BUNDLE --corpus_dir=DIR
+    musiclm eval stage --checkpoint=MODEL_DIR [--split=test]   (what a stage uses of its prefix)
     musiclm tokenize --gin_file=gin/tokenize/default.gin --gin_bindings="TOKENS_DIR='...'" ...
     musiclm export --output=BUNDLE --gin_bindings="BundleRuns.coarse='runs/coarse'" ...
     musiclm generate --bundle=BUNDLE --prompt="a calm piano waltz" --seconds=30 --output=a.wav
@@ -57,7 +58,8 @@ flags.DEFINE_integer("num_levels", 0, "codec: RVQ levels to keep (0: all).")
 flags.DEFINE_string("corpus_dir", None,
                     "eval, mulan fit_rvq, semantic fit_kmeans: a corpus built by prepare.")
 flags.DEFINE_string("split", "test", "eval: corpus split.")
-flags.DEFINE_integer("num_clips", 32, "eval: clips to evaluate on.")
+flags.DEFINE_integer("num_clips", 32, "eval: clips to evaluate on (eval stage: windows; "
+                     "0: the whole split).")
 flags.DEFINE_string("output", None, "eval: also write the report to this JSON file; "
                     "export: the bundle directory; generate: the wav file.")
 flags.DEFINE_string("bundle", None,
@@ -367,6 +369,43 @@ def _eval_generation(args: Sequence[str]) -> None:
   _write_report(report)
 
 
+def _eval_stage(args: Sequence[str]) -> None:
+  """A stage checkpoint's eval loss with its own, dropped and borrowed prefix parts,
+  on windows of the token cache it was trained on (its stored gin config; later
+  `--gin_bindings`, e.g. `TOKENS_DIR='...'`, override it)."""
+  from musiclm_jax.eval import stage as stage_eval  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.layers.transformer import DecoderConfig  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.models import DecoderOnlyModel  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.tasks import stage_tasks  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  usage = ("musiclm eval stage --checkpoint=MODEL_DIR [--split=test --num_clips=256 "
+           "--output=report.json] [--gin_bindings=\"TOKENS_DIR='...'\"]")
+  if args:
+    raise UsageError(f"usage: {usage}; got {' '.join(args)}")
+  model_dir = _require_flag("checkpoint", usage)
+  variables, manifest = _run(checkpoints.load_trained_variables, model_dir)
+  described = manifest.get("task") or {}
+  if manifest.get("model") != "DecoderOnlyModel" or "stage" not in described:
+    raise CommandError(f"{model_dir} holds a {manifest.get('model')} run, not a MusicLM stage")
+  import_configurables("train")
+  gin.clear_config()
+  try:
+    gin.parse_config(manifest["gin_config"], skip_unknown=True)
+  except Exception as e:  # gin raises IOError, ValueError, SyntaxError, ...
+    raise GinConfigError(f"the gin config stored in {model_dir}: {e}") from e
+  parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+  task = _run(stage_tasks.StageTask)  # pylint: disable=no-value-for-parameter
+  if task.layout.to_dict() != manifest["token_layout"] or task.describe() != described:
+    raise CommandError(f"the token cache read ({task.describe()}) is not what {model_dir} was "
+                       f"trained on ({described}); point TOKENS_DIR at that cache")
+  windows = _run(task.eval_windows, FLAGS.split, FLAGS.num_clips)
+  model = DecoderOnlyModel(DecoderConfig(**manifest["model_config"]))
+  report = _run(stage_eval.evaluate_stage, model, variables["params"], task.stage, *windows)
+  report.update(step=manifest["step"], split=FLAGS.split)
+  print(stage_eval.format_report(report), flush=True)
+  _write_report(report)
+
+
 def _melody(args: Sequence[str]) -> None:
   from musiclm_jax.tokenizers import melody_cli  # pylint: disable=g-import-not-at-top
   usage = ("musiclm melody prepare --data_dir=OUT --num_melodies=N --renditions=R --seconds=S "
@@ -429,7 +468,7 @@ def _quickstart(args: Sequence[str]) -> None:
 
 EVALUATIONS: dict[str, Callable[[Sequence[str]], None]] = {
     "codec": _eval_codec, "mulan": _eval_mulan, "semantic": _eval_semantic,
-    "generation": _eval_generation, "melody": _eval_melody}
+    "generation": _eval_generation, "melody": _eval_melody, "stage": _eval_stage}
 
 
 def _eval(args: Sequence[str]) -> None:

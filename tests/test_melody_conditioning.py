@@ -12,14 +12,19 @@ import shutil
 import subprocess
 import sys
 
+from absl.testing import flagsaver
 import numpy as np
 import pytest
 import soundfile
 
 from musiclm_jax import audio
+from musiclm_jax import main as cli
 from musiclm_jax import stages
 from musiclm_jax import vocab
 from musiclm_jax.eval import melody as melody_eval
+from musiclm_jax.eval import stage as stage_eval
+from musiclm_jax.layers.transformer import DecoderConfig
+from musiclm_jax.models import DecoderOnlyModel
 from musiclm_jax.sampling import bundle
 from musiclm_jax.sampling import hierarchy
 from musiclm_jax.sampling import infer as infer_lib
@@ -30,6 +35,7 @@ from musiclm_jax.tasks import token_tasks
 from musiclm_jax.tokenizers import frozen
 from musiclm_jax.tokenizers import melody as melody_lib
 from musiclm_jax.tokenizers import melody_cli
+from musiclm_jax.training import checkpoints
 from audio_fixtures import TUNE_A, TUNE_B, tune
 import tiny_tokenizers
 import xla_env
@@ -481,6 +487,42 @@ def test_cli_generate_with_a_melody_file(bundle_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   data, rate = soundfile.read(wav)
   assert rate == 24000 and data.shape == (int(0.8 * 24000),) and np.abs(data).max() > 0
+
+
+def test_cli_eval_stage_reports_what_a_checkpoint_uses_of_its_prefix(bundle_dir, cache,
+                                                                     tokenizer_dirs, tmp_path):
+  runs = bundle_dir[1]
+  output = tmp_path / "coarse.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "musiclm_jax.main", "eval", "stage", f"--checkpoint={runs['coarse']}",
+       "--split=validation", "--num_clips=0", f"--output={output}"],
+      env=xla_env.subprocess_env(1), capture_output=True, text=True, timeout=600,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "other_melody" in result.stdout and "±" in result.stdout
+  report = json.loads(output.read_text())
+  assert list(report["variants"]) == ["own", "no_conditioning", "no_melody", "other_mulan",
+                                      "other_melody", "other_semantic"]
+  assert (report["step"], report["split"], report["windows"]) == (0, "validation", 20)
+  # The same windows and numbers as an evaluation in this process.
+  task = stage_tasks.StageTask(stage="coarse", cache_dir=cache[0], corpora={"gm": 1.0},
+                               windows=WINDOWS, melody_conditioning=True)
+  prefixes, targets = task.eval_windows("validation", 0)
+  variables, manifest = checkpoints.load_trained_variables(runs["coarse"])
+  model = DecoderOnlyModel(DecoderConfig(**manifest["model_config"]))
+  expected = stage_eval.evaluate_stage(model, variables["params"], task.stage, prefixes, targets)
+  for name, row in expected["variants"].items():
+    assert report["variants"][name]["loss"] == pytest.approx(row["loss"], rel=1e-5)
+  assert report["variants"]["other_melody"]["unchanged"] < 1.0  # two clips: other melodies
+  # A cache that moved, and a run that is not a stage, are named.
+  cli.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(checkpoint=runs["coarse"],
+                           gin_bindings=[f"TOKENS_DIR = '{tmp_path}'"]):
+    with pytest.raises(cli.CommandError, match="run `musiclm tokenize` first"):
+      cli.EVALUATIONS["stage"]([])
+  with flagsaver.flagsaver(checkpoint=tokenizer_dirs.melody):
+    with pytest.raises(cli.CommandError, match="not a MusicLM stage"):
+      cli.EVALUATIONS["stage"]([])
 
 
 def test_eval_melody_skips_and_counts_unusable_renditions(generator, tokenizer_dirs, tmp_path):

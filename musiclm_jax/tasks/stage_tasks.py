@@ -246,6 +246,21 @@ class StageTask:
     ds = ds.map(types, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
 
+  def eval_windows(self, split: str, max_windows: int
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The first `max_windows` windows of `split` (0: all), in reading order, as
+    (prefixes `[P_i]`, targets `[T_i]`) ids: one pass, no shuffling, no dropout."""
+    provider = seqio.get_mixture_or_task(self.name)
+    ds = provider.get_dataset(sequence_length=self.feature_lengths, split=split,
+                              shuffle=False, num_epochs=1)
+    if max_windows:
+      ds = ds.take(max_windows)
+    prefixes, targets = [], []
+    for example in ds.as_numpy_iterator():
+      prefixes.append(example["inputs"])
+      targets.append(example["targets"])
+    return prefixes, targets
+
   def iterator(self, split: str, global_batch_size: int) -> resumable.BatchCountIterator:
     """This process' rows of each global batch, resumable by batch count."""
     local = resumable.local_batch_size(global_batch_size)
