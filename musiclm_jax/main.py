@@ -370,38 +370,13 @@ def _eval_generation(args: Sequence[str]) -> None:
 
 
 def _eval_stage(args: Sequence[str]) -> None:
-  """A stage checkpoint's eval loss with its own, dropped and borrowed prefix parts,
-  on windows of the token cache it was trained on (its stored gin config; later
-  `--gin_bindings`, e.g. `TOKENS_DIR='...'`, override it)."""
   from musiclm_jax.eval import stage as stage_eval  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.layers.transformer import DecoderConfig  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.models import DecoderOnlyModel  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.tasks import stage_tasks  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   usage = ("musiclm eval stage --checkpoint=MODEL_DIR [--split=test --num_clips=256 "
            "--output=report.json] [--gin_bindings=\"TOKENS_DIR='...'\"]")
   if args:
     raise UsageError(f"usage: {usage}; got {' '.join(args)}")
-  model_dir = _require_flag("checkpoint", usage)
-  variables, manifest = _run(checkpoints.load_trained_variables, model_dir)
-  described = manifest.get("task") or {}
-  if manifest.get("model") != "DecoderOnlyModel" or "stage" not in described:
-    raise CommandError(f"{model_dir} holds a {manifest.get('model')} run, not a MusicLM stage")
-  import_configurables("train")
-  gin.clear_config()
-  try:
-    gin.parse_config(manifest["gin_config"], skip_unknown=True)
-  except Exception as e:  # gin raises IOError, ValueError, SyntaxError, ...
-    raise GinConfigError(f"the gin config stored in {model_dir}: {e}") from e
-  parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-  task = _run(stage_tasks.StageTask)  # pylint: disable=no-value-for-parameter
-  if task.layout.to_dict() != manifest["token_layout"] or task.describe() != described:
-    raise CommandError(f"the token cache read ({task.describe()}) is not what {model_dir} was "
-                       f"trained on ({described}); point TOKENS_DIR at that cache")
-  windows = _run(task.eval_windows, FLAGS.split, FLAGS.num_clips)
-  model = DecoderOnlyModel(DecoderConfig(**manifest["model_config"]))
-  report = _run(stage_eval.evaluate_stage, model, variables["params"], task.stage, *windows)
-  report.update(step=manifest["step"], split=FLAGS.split)
+  report = _run(stage_eval.evaluate_run, _require_flag("checkpoint", usage), FLAGS.split,
+                FLAGS.num_clips, FLAGS.gin_file, FLAGS.gin_bindings)
   print(stage_eval.format_report(report), flush=True)
   _write_report(report)
 

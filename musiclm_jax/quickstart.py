@@ -14,7 +14,8 @@ in `gin/quickstart/<size>/` (one gin file per phase, runnable on its own):
   semantic, coarse, fine   `musiclm train` the three stages on the cache
   export       `musiclm export`: the six models as one bundle
   generate     `musiclm infer` on the corpus' held-out test prompts
-  evaluate     generation measures beside the real clips; codec reconstructions
+  evaluate     generation measures beside the real clips; codec reconstructions;
+               what each stage uses of its prefix (`musiclm eval stage`)
   report       DIR/report/index.html (see `report.py`)
 
 What each phase finished is recorded in DIR/quickstart.json; a re-run skips
@@ -40,6 +41,8 @@ from typing import Any, Callable
 
 import gin
 import numpy as np
+
+from musiclm_jax import stages
 
 PHASES = ("corpus", "soundstream", "w2v_bert", "mulan", "tokenize", "semantic", "coarse",
           "fine", "export", "generate", "evaluate", "report")
@@ -69,6 +72,8 @@ class QuickstartPlan:
     num_prompts: held-out test prompts to generate (at most the test split).
     generate_seconds: seconds of audio per prompt.
     num_reconstructions: test clips shown through the codec in the report.
+    stage_eval_windows: test windows (at most) on which each stage's use of
+      its prefix is measured (`musiclm eval stage`).
     expected_minutes: typical minutes per phase on the machine the size is
       meant for; the basis of the ETA.
   """
@@ -78,6 +83,7 @@ class QuickstartPlan:
   num_prompts: int = 6
   generate_seconds: float = 8.0
   num_reconstructions: int = 4
+  stage_eval_windows: int = 64
   expected_minutes: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -245,7 +251,7 @@ class Quickstart:
         "fine": ("train the fine acoustic stage", lambda: self.stage("fine")),
         "export": ("export the bundle", self.export),
         "generate": ("generate clips for held-out prompts", self.generate),
-        "evaluate": ("evaluate generation and the codec", self.evaluate),
+        "evaluate": ("evaluate generation, the codec and the stages", self.evaluate),
         "report": ("write the HTML report", self.report),
     }
     self.corpus_dir = self._corpus_dir()
@@ -381,7 +387,23 @@ class Quickstart:
     _write_json(os.path.join(self.paths.eval, "codec.json"), codec_report)
     print(codec_eval.format_report(codec_report), flush=True)
     return {"frechet_distance": round(report["frechet_distance"], 4),
-            "cycle_consistency": round(report["generated"]["cycle_consistency"], 4)}
+            "cycle_consistency": round(report["generated"]["cycle_consistency"], 4),
+            "prefix_use": self._evaluate_stages()}
+
+  def _evaluate_stages(self) -> dict[str, float]:
+    """What each stage uses of its prefix on test windows (`eval/stages.json`);
+    returns the loss increase of each `other_*` variant."""
+    from musiclm_jax.eval import stage as stage_eval  # pylint: disable=g-import-not-at-top
+    reports = {}
+    for name in stages.STAGE_NAMES:
+      reports[name] = stage_eval.evaluate_run(self.paths.run(name), "test",
+                                              self.plan.stage_eval_windows)
+      print(stage_eval.format_report(reports[name]), flush=True)
+    gin.clear_config()
+    _write_json(os.path.join(self.paths.eval, "stages.json"), reports)
+    return {f"{name}.{variant}": round(row["increase"], 4)
+            for name, report in reports.items() for variant, row in report["variants"].items()
+            if variant.startswith("other_")}
 
   def report(self) -> dict[str, Any]:
     from musiclm_jax import report  # pylint: disable=g-import-not-at-top

@@ -233,6 +233,28 @@ def _codec_section(paths, media: _Media) -> str:
   return "\n".join(parts)
 
 
+def _stages_section(paths) -> str:
+  """What each stage uses of its prefix (`eval/stages.json`; absent from runs
+  whose evaluate phase finished before it was measured)."""
+  path = os.path.join(paths.eval, "stages.json")
+  if not os.path.isfile(path):
+    return ""
+  with open(path, encoding="utf-8") as f:
+    reports = json.load(f)
+  parts = ["<h2>What each stage uses of its prefix</h2>",
+           "<p>Eval loss (nats per target token) on test windows with each window's own "
+           "prefix, with a part of it padded, or with a part taken from a window of another "
+           "clip. An increase within about two standard errors of 0 means the stage ignores "
+           "that part.</p>"]
+  for name, report in reports.items():
+    rows = [[variant, row["loss"], row["accuracy"], row.get("increase", ""),
+             row.get("increase_stderr", "")] for variant, row in report["variants"].items()]
+    parts.append(f"<h3>{html.escape(name)}: {report['windows']} windows, step "
+                 f"{report['step']}</h3>")
+    parts.append(_table(["prefix", "loss", "accuracy", "increase", "standard error"], rows))
+  return "\n".join(parts)
+
+
 def _curves_section(paths, media: _Media) -> str:
   from musiclm_jax.training import metrics  # pylint: disable=g-import-not-at-top
   parts = ["<h2>Training curves</h2>"]
@@ -263,7 +285,7 @@ def write_quickstart_report(paths, state: dict[str, Any]) -> str:
   body = "\n".join([
       "<h1>musiclm_jax quickstart</h1>",
       '<p id="media-status">checking media…</p>',
-      _prompt_sections(paths, media), _codec_section(paths, media),
+      _prompt_sections(paths, media), _codec_section(paths, media), _stages_section(paths),
       _curves_section(paths, media), _phases_section(state)])
   page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>musiclm_jax quickstart"
           f"</title><style>{STYLE}</style></head><body>{body}{MEDIA_CHECK}</body></html>")

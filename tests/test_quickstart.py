@@ -89,6 +89,19 @@ def test_outputs_of_every_phase_are_where_the_layout_says(workdir):
   assert len(report["generated"]["per_clip"]) == 2 and report["frechet_distance"] >= 0
   names = set(os.listdir(os.path.join(directory, "eval", "reconstructions")))
   assert names == {f"clip_{i}_{kind}.wav" for i in (0, 1) for kind in ("original", "codec")}
+  with open(os.path.join(directory, "eval", "stages.json"), encoding="utf-8") as f:
+    stage_reports = json.load(f)
+  borrowed = {"semantic": ["other_mulan"], "coarse": ["other_mulan", "other_semantic"],
+              "fine": ["other_coarse"]}
+  for name, report in stage_reports.items():
+    dropped = ["no_conditioning"] if name != "fine" else []
+    assert list(report["variants"]) == ["own", *dropped, *borrowed[name]], name
+    assert (report["step"], report["split"]) == (2, "test") and report["windows"] >= 2
+  with open(os.path.join(directory, quickstart.STATE_FILE), encoding="utf-8") as f:
+    prefix_use = json.load(f)["phases"]["evaluate"]["prefix_use"]
+  assert prefix_use == {f"{name}.{variant}": pytest.approx(
+      stage_reports[name]["variants"][variant]["increase"], abs=1e-4)
+      for name, variants in borrowed.items() for variant in variants}
 
 
 def test_report_loads_all_its_audio_and_images_in_headless_chromium(workdir, tmp_path):
@@ -103,6 +116,7 @@ def test_report_loads_all_its_audio_and_images_in_headless_chromium(workdir, tmp
   assert num_media == 8 + 8 + 6
   for prompt in ("prompt_00", "prompt_01"):
     assert f'src="media/{prompt}.wav"' in html and f'src="media/{prompt}_real.wav"' in html
+  assert "What each stage uses of its prefix" in html and "other_semantic" in html
 
   def load(path):
     result = subprocess.run(

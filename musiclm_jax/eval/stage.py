@@ -23,13 +23,15 @@ swapped in carry the same information: `unchanged` is the fraction of windows
 whose borrowed part equals their own). `no_*` variants are inputs the stage
 saw in training only as often as its conditioning and melody dropout made them.
 
-Everything here is numpy and JAX (no TensorFlow): the CLI reads the windows
-with `StageTask.eval_windows`.
+`evaluate_stage` is numpy and JAX (no TensorFlow); `evaluate_run`, what
+`musiclm eval stage` and the quickstart call, reads a run's windows from its
+token cache with `StageTask.eval_windows` (TensorFlow, imported there).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import gin
 import jax
 import numpy as np
 
@@ -164,3 +166,52 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append(f"{name:<18}{row['loss']:>9.4f}{row['accuracy']:>10.4f}{increase:>20}"
                  f"{unchanged:>11}")
   return "\n".join(lines)
+
+
+def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
+                 gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()
+                 ) -> dict[str, Any]:
+  """`evaluate_stage` of a stage run's newest checkpoint on `split` of the token
+  cache it was trained on.
+
+  The stage task is rebuilt from the gin config stored in the checkpoint;
+  `gin_files` and `gin_bindings` are parsed after it (e.g. `TOKENS_DIR = '...'`
+  for a cache that moved). Reads windows with TensorFlow (`StageTask`).
+
+  Args:
+    model_dir: the stage's `MODEL_DIR`.
+    split: the cache split to read windows from.
+    max_windows: the first this many windows of the split (0: all).
+  Returns:
+    `evaluate_stage`'s report with the checkpoint `step` and the `split`.
+  Raises:
+    ValueError: the run is not a stage, or the cache read is not the one it
+      was trained on.
+  """
+  # pylint: disable=g-import-not-at-top
+  from musiclm_jax import main as cli
+  from musiclm_jax.layers.transformer import DecoderConfig
+  from musiclm_jax.models import DecoderOnlyModel
+  from musiclm_jax.tasks import stage_tasks
+  from musiclm_jax.training import checkpoints
+  # pylint: enable=g-import-not-at-top
+  variables, manifest = checkpoints.load_trained_variables(model_dir)
+  described = manifest.get("task") or {}
+  if manifest.get("model") != "DecoderOnlyModel" or "stage" not in described:
+    raise ValueError(f"{model_dir} holds a {manifest.get('model')} run, not a MusicLM stage")
+  cli.import_configurables("train")
+  gin.clear_config()
+  try:
+    gin.parse_config(manifest["gin_config"], skip_unknown=True)
+  except Exception as e:  # gin raises IOError, ValueError, SyntaxError, ...
+    raise cli.GinConfigError(f"the gin config stored in {model_dir}: {e}") from e
+  cli.parse_gin(gin_files, gin_bindings)
+  task = stage_tasks.StageTask()  # pylint: disable=no-value-for-parameter
+  if task.layout.to_dict() != manifest["token_layout"] or task.describe() != described:
+    raise ValueError(f"the token cache read ({task.describe()}) is not what {model_dir} was "
+                     f"trained on ({described}); point TOKENS_DIR at that cache")
+  model = DecoderOnlyModel(DecoderConfig(**manifest["model_config"]))
+  report = evaluate_stage(model, variables["params"], task.stage,
+                          *task.eval_windows(split, max_windows))
+  report.update(step=manifest["step"], split=split)
+  return report
