@@ -115,17 +115,23 @@ class DecoderOnlyModel:
       loss_sum: scalar, sum of weights * (cross-entropy + z-loss).
       sums: `loss` (cross-entropy sum), `z_loss`, `correct`, `weight`.
     """
-    logits = self.logits(params, batch, dropout_rng)
-    targets = batch["decoder_target_tokens"]
     weights = batch["decoder_loss_weights"].astype(jnp.float32)
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    z_loss = self.z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1))
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    sums = {"loss": jnp.sum(cross_entropy * weights),
-            "z_loss": jnp.sum(z_loss * weights),
-            "correct": jnp.sum(correct * weights),
+    terms = self.token_losses(params, batch, dropout_rng)
+    sums = {"loss": jnp.sum(terms["cross_entropy"] * weights),
+            "z_loss": jnp.sum(terms["z_loss"] * weights),
+            "correct": jnp.sum(terms["correct"] * weights),
             "weight": jnp.sum(weights)}
     return sums["loss"] + sums["z_loss"], sums
+
+  def token_losses(self, params: Any, batch: Batch, dropout_rng: jax.Array | None = None
+                   ) -> dict[str, jax.Array]:
+    """Per position, unweighted: `cross_entropy`, `z_loss` and `correct` (1.0 where
+    the argmax is the target), float32 `[batch, length]` each."""
+    logits = self.logits(params, batch, dropout_rng)
+    targets = batch["decoder_target_tokens"]
+    return {"cross_entropy": optax.softmax_cross_entropy_with_integer_labels(logits, targets),
+            "z_loss": self.z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1)),
+            "correct": (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)}
 
   # -- decoding ----------------------------------------------------------------
   def init_cache(self, batch_size: int, cache_length: int) -> Any:

@@ -390,9 +390,9 @@ class Quickstart:
             "cycle_consistency": round(report["generated"]["cycle_consistency"], 4),
             "prefix_use": self._evaluate_stages()}
 
-  def _evaluate_stages(self) -> dict[str, float]:
+  def _evaluate_stages(self) -> dict[str, list[float]]:
     """What each stage uses of its prefix on test windows (`eval/stages.json`);
-    returns the loss increase of each `other_*` variant."""
+    returns the loss increases of each `other_*` variant (whole window, first frame)."""
     from musiclm_jax.eval import stage as stage_eval  # pylint: disable=g-import-not-at-top
     reports = {}
     for name in stages.STAGE_NAMES:
@@ -401,7 +401,7 @@ class Quickstart:
       print(stage_eval.format_report(reports[name]), flush=True)
     gin.clear_config()
     _write_json(os.path.join(self.paths.eval, "stages.json"), reports)
-    return {f"{name}.{variant}": round(row["increase"], 4)
+    return {f"{name}.{variant}": [round(row[k], 4) for k in ("increase", "first_frame_increase")]
             for name, report in reports.items() for variant, row in report["variants"].items()
             if variant.startswith("other_")}
 

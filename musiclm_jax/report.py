@@ -244,14 +244,18 @@ def _stages_section(paths) -> str:
   parts = ["<h2>What each stage uses of its prefix</h2>",
            "<p>Eval loss (nats per target token) on test windows with each window's own "
            "prefix, with a part of it padded, or with a part taken from a window of another "
-           "clip. An increase within about two standard errors of 0 means the stage ignores "
-           "that part.</p>"]
+           "clip; over the whole window and over its first frame (40 ms), which nothing "
+           "earlier in the window predicts. An increase within about two standard errors "
+           "of 0 means the stage ignores that part.</p>"]
   for name, report in reports.items():
-    rows = [[variant, row["loss"], row["accuracy"], row.get("increase", ""),
-             row.get("increase_stderr", "")] for variant, row in report["variants"].items()]
+    rows = [[variant, row["loss"], row["accuracy"],
+             *(f"{row[k]:+.4f} ± {row[k + '_stderr']:.4f}" if k in row else ""
+               for k in ("increase", "first_frame_increase"))]
+            for variant, row in report["variants"].items()]
     parts.append(f"<h3>{html.escape(name)}: {report['windows']} windows, step "
                  f"{report['step']}</h3>")
-    parts.append(_table(["prefix", "loss", "accuracy", "increase", "standard error"], rows))
+    parts.append(_table(["prefix", "loss", "accuracy", "increase", "first-frame increase"],
+                        rows))
   return "\n".join(parts)
 
 

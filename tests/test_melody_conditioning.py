@@ -359,6 +359,15 @@ def generator(bundle_dir):
   return hierarchy.Generator(bundle.Bundle.load(bundle_dir[0]))
 
 
+def without_melody_model(generator):
+  """A generator of the same bundle with its melody encoder taken away."""
+  loaded = generator.bundle
+  without = bundle.Bundle(loaded.directory, loaded.manifest, copy.copy(loaded.tokenizers),
+                          loaded.stages)
+  without.tokenizers.melody = None
+  return hierarchy.Generator(without)
+
+
 def test_generation_follows_the_melody_tokens_of_the_recording(generator, bundle_dir, tmp_path):
   loaded = generator.bundle
   assert loaded.tokenizers.melody is not None and generator.melody_conditioned
@@ -403,11 +412,8 @@ def test_generation_follows_the_melody_tokens_of_the_recording(generator, bundle
   noise = 0.1 * np.random.default_rng(0).standard_normal(32000).astype(np.float32)
   with pytest.raises(ValueError, match="holds no melody"):
     generator.generate(rows, seeds=[1], melody_audio=noise)
-  without = bundle.Bundle(loaded.directory, loaded.manifest, copy.copy(loaded.tokenizers),
-                          loaded.stages)
-  without.tokenizers.melody = None
   with pytest.raises(ValueError, match="has no melody model"):
-    hierarchy.Generator(without).generate(rows, seeds=[1], melody_audio=hum)
+    without_melody_model(generator).generate(rows, seeds=[1], melody_audio=hum)
   # A melody-conditioned bundle without its melody encoder is refused.
   broken = str(tmp_path / "broken")
   shutil.copytree(bundle_dir[0], broken)
@@ -457,11 +463,8 @@ def test_infer_follows_each_items_melody_and_skips_unusable_recordings(generator
   assert (again["generated"], again["already_done"]) == (0, 3)
   assert again["skipped"] == report["skipped"]
   # A bundle without a melody model skips the melody items and makes the others.
-  without = bundle.Bundle(generator.bundle.directory, generator.bundle.manifest,
-                          copy.copy(generator.bundle.tokenizers), generator.bundle.stages)
-  without.tokenizers.melody = None
-  refused = infer_lib.infer(hierarchy.Generator(without), prompts, str(tmp_path / "no_melody"),
-                            batch_size=4)
+  refused = infer_lib.infer(without_melody_model(generator), prompts,
+                            str(tmp_path / "no_melody"), batch_size=4)
   assert refused["generated"] == 1 and refused["skipped"]["melody refused"] == 4
 
 
@@ -471,6 +474,9 @@ def test_evaluate_generation_reports_both_sides(generator):
     assert -1.0 <= report[side]["similarity"] <= 1.0 and len(report[side]["per_melody"]) == 1
   assert report["difference"] == pytest.approx(
       report["with_melody"]["similarity"] - report["without_melody"]["similarity"])
+  with pytest.raises(ValueError, match="has no melody model"):
+    melody_eval.evaluate_generation(without_melody_model(generator), [tune(TUNE_A)], "a waltz",
+                                    1.6)
 
 
 def test_cli_generate_with_a_melody_file(bundle_dir, tmp_path):
@@ -514,11 +520,14 @@ def test_cli_eval_stage_reports_what_a_checkpoint_uses_of_its_prefix(bundle_dir,
   for name, row in expected["variants"].items():
     assert report["variants"][name]["loss"] == pytest.approx(row["loss"], rel=1e-5)
   assert report["variants"]["other_melody"]["unchanged"] < 1.0  # two clips: other melodies
-  # A cache that moved, and a run that is not a stage, are named.
+  # A cache that moved, a split it lacks and a run that is not a stage are named.
   cli.FLAGS.mark_as_parsed()
   with flagsaver.flagsaver(checkpoint=runs["coarse"],
                            gin_bindings=[f"TOKENS_DIR = '{tmp_path}'"]):
     with pytest.raises(cli.CommandError, match="run `musiclm tokenize` first"):
+      cli.EVALUATIONS["stage"]([])
+  with flagsaver.flagsaver(checkpoint=runs["coarse"], split="tset"):
+    with pytest.raises(cli.CommandError, match="no split 'tset'; it has test, train, validation"):
       cli.EVALUATIONS["stage"]([])
   with flagsaver.flagsaver(checkpoint=tokenizer_dirs.melody):
     with pytest.raises(cli.CommandError, match="not a MusicLM stage"):

@@ -100,8 +100,8 @@ def test_outputs_of_every_phase_are_where_the_layout_says(workdir):
   with open(os.path.join(directory, quickstart.STATE_FILE), encoding="utf-8") as f:
     prefix_use = json.load(f)["phases"]["evaluate"]["prefix_use"]
   assert prefix_use == {f"{name}.{variant}": pytest.approx(
-      stage_reports[name]["variants"][variant]["increase"], abs=1e-4)
-      for name, variants in borrowed.items() for variant in variants}
+      [stage_reports[name]["variants"][variant][k] for k in ("increase", "first_frame_increase")],
+      abs=1e-4) for name, variants in borrowed.items() for variant in variants}
 
 
 def test_report_loads_all_its_audio_and_images_in_headless_chromium(workdir, tmp_path):

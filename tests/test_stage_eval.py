@@ -119,11 +119,42 @@ def test_a_stage_that_follows_the_melody_loses_without_it_but_not_without_mulan(
   examples = [prefix_lm_example(p, t, length) for p, t in zip(prefixes, targets)]
   _, sums = model.loss_sums(params, {k: np.stack([e[k] for e in examples]) for k in examples[0]})
   assert rows["own"]["loss"] == pytest.approx(float(sums["loss"] / sums["weight"]), rel=1e-4)
+  # One target per window: its first frame is all of it.
+  assert report["first_frame_targets"] == 1
+  assert rows["other_melody"]["first_frame_increase"] == pytest.approx(
+      rows["other_melody"]["increase"], rel=1e-5)
   # Before training the melody matters little.
   before = stage_eval.evaluate_stage(model, untrained, SEMANTIC, prefixes, targets)["variants"]
   assert abs(before["other_melody"]["increase"]) < 0.05 * rows["other_melody"]["increase"]
   text = stage_eval.format_report(report)
   assert "other_melody" in text and "±" in text
+
+
+def test_first_frame_losses_are_those_of_each_windows_first_semantic_frame(trained):
+  model, untrained, _ = trained
+  coarse = stages.Stage(name="coarse", window_seconds=0.2, layout=LAYOUT,
+                        melody_conditioning=True, melody_hop_seconds=0.2)
+  rng = np.random.default_rng(3)
+  prefixes, targets = [], []
+  for frames in (5, 5, 3):  # a short last window
+    clip = stages.ClipTokens(mulan=rng.integers(0, 4, 12), semantic=rng.integers(0, 16, frames),
+                             acoustic=rng.integers(0, 64, (2 * frames, 12)),
+                             melody=rng.integers(0, 8, (1, 2)))
+    prefix, target = coarse.sequences(clip)
+    prefixes.append(prefix)
+    targets.append(target)
+  report = stage_eval.evaluate_stage(model, untrained, coarse, prefixes, targets, batch_size=2)
+  assert report["first_frame_targets"] == 2 * 4  # two acoustic frames of the 4 coarse levels
+  length = len(prefixes[0]) + len(targets[0])
+  losses, first = [], []
+  for prefix, target in zip(prefixes, targets):
+    example = {k: v[None] for k, v in prefix_lm_example(prefix, target, length).items()}
+    cross_entropy = np.asarray(model.token_losses(untrained, example)["cross_entropy"][0])
+    losses.append(cross_entropy[len(prefix):len(prefix) + len(target)])
+    first.append(losses[-1][:8])
+  own = report["variants"]["own"]
+  assert own["loss"] == pytest.approx(np.concatenate(losses).mean(), rel=1e-5)
+  assert own["first_frame_loss"] == pytest.approx(np.mean(first), rel=1e-5)
 
 
 def test_too_few_windows_is_a_clear_error(trained):

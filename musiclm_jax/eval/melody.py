@@ -169,10 +169,7 @@ def evaluate_generation(generator: Any, melodies: Sequence[np.ndarray], prompt: 
     per side (`with_melody`, `without_melody`) the mean `similarity` and the
     per-melody values, and their difference.
   """
-  tokenizer = generator.bundle.tokenizers.melody
-  if tokenizer is None:
-    raise ValueError("the bundle has no melody model to evaluate")
-  config = tokenizer.config
+  config = generator.melody_tokenizer().config
   rate = sample_rate or config.sample_rate
   report: dict[str, Any] = {"num_melodies": len(melodies), "prompt": prompt,
                             "seconds": seconds}

@@ -16,7 +16,10 @@ prefix, then with one part of it dropped or taken from another window:
     other_coarse       (fine) the coarse acoustic tokens of another window
 
 `increase` is a variant's loss minus the own-prefix loss, in nats per target
-token, with the standard error of its mean over windows. A stage that uses a
+token, with the standard error of its mean over windows; `first_frame_increase`
+the same for the targets of each window's first semantic frame (40 ms), which
+nothing earlier in the window predicts, so that there the prefix decides most
+(later targets lean on the ones before them). A stage that uses a
 part of its prefix predicts worse without it; an increase within its error of
 0 means the stage ignores that part (or, for `other_*`, that the windows
 swapped in carry the same information: `unchanged` is the fraction of windows
@@ -33,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax import stages
@@ -90,17 +94,23 @@ def prefix_variants(stage: stages.Stage, prefixes: Sequence[np.ndarray],
   return variants
 
 
-def _window_sums_fn(model: Any):
-  """Jitted `(params, batch) -> per-window (loss, correct, weight) sums, [batch] each`."""
-  def one_window(params, example):
-    _, sums = model.loss_sums(params, jax.tree.map(lambda x: x[None], example))
-    return sums["loss"], sums["correct"], sums["weight"]
-  return jax.jit(jax.vmap(one_window, in_axes=(None, 0)))
+def _window_sums_fn(model: Any, first_targets: int):
+  """Jitted `(params, batch) -> float32 [batch, 5]`: per window its summed loss,
+  correct predictions and target count, then the summed loss and count of its
+  first `first_targets` targets."""
+  def window_sums(params, batch):
+    terms = model.token_losses(params, batch)
+    weights = batch["decoder_loss_weights"]
+    first = weights * (jnp.cumsum(weights, axis=1) <= first_targets)
+    loss = terms["cross_entropy"]
+    return jnp.stack([jnp.sum(loss * weights, 1), jnp.sum(terms["correct"] * weights, 1),
+                      jnp.sum(weights, 1), jnp.sum(loss * first, 1), jnp.sum(first, 1)], 1)
+  return jax.jit(window_sums)
 
 
 def _window_sums(window_sums, params, prefixes: Sequence[np.ndarray],
                  targets: Sequence[np.ndarray], length: int, batch_size: int) -> np.ndarray:
-  """float64 `[windows, 3]`: each window's summed loss, correct predictions, targets."""
+  """float64 `[windows, 5]` of `_window_sums_fn`, batch by batch."""
   examples = [prefix_lm_example(p, t, length) for p, t in zip(prefixes, targets)]
   empty = {k: np.zeros_like(v) for k, v in examples[0].items()}  # weight 0: fills a batch
   rows = []
@@ -108,8 +118,12 @@ def _window_sums(window_sums, params, prefixes: Sequence[np.ndarray],
     chunk = examples[start:start + batch_size]
     chunk = chunk + [empty] * (batch_size - len(chunk))
     batch = {k: np.stack([e[k] for e in chunk]) for k in empty}
-    rows.append(np.stack(jax.device_get(window_sums(params, batch)), axis=1))
+    rows.append(np.asarray(window_sums(params, batch)))
   return np.concatenate(rows)[:len(examples)].astype(np.float64)
+
+
+def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
+  return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
 def evaluate_stage(model: Any, params: Any, stage: stages.Stage,
@@ -117,37 +131,46 @@ def evaluate_stage(model: Any, params: Any, stage: stages.Stage,
                    batch_size: int = BATCH_SIZE) -> dict[str, Any]:
   """Loss and accuracy of each prefix variant on the same windows.
 
+  Besides the whole window, the loss of the targets of its first semantic frame
+  (40 ms: `first_frame_*`), which nothing earlier in the window predicts: where
+  the prefix decides most, while later targets lean on the ones before them.
+
   Args:
-    model: a `DecoderOnlyModel` (its `loss_sums`).
+    model: a `DecoderOnlyModel` (its `token_losses`).
     params: the stage's trained parameters.
     stage: the stage's window and token layout.
     prefixes, targets: the windows' prefix `[P_i]` and target `[T_i]` ids (at
       least two windows, so that a part can come from another one).
     batch_size: windows per forward pass.
   Returns:
-    `windows`, `target_tokens` and `variants`: name -> `loss` and `accuracy`
-    (per target token), `increase` and `increase_stderr` (nats per token over
-    `own`; not for `own`), `unchanged` (`other_*`).
+    `windows`, `target_tokens`, `first_frame_targets` (per window) and
+    `variants`: name -> `loss`, `accuracy` and `first_frame_loss` (per target
+    token); except for `own`, `increase` and `first_frame_increase` (nats per
+    token over `own`) with their standard errors over windows
+    (`*_stderr`); for `other_*`, `unchanged`.
   """
   if len(prefixes) != len(targets) or len(prefixes) < 2:
     raise ValueError(f"the stage evaluation needs at least two windows with targets; got "
                      f"{len(prefixes)} prefixes and {len(targets)} targets")
   length = max(len(p) + len(t) for p, t in zip(prefixes, targets))
-  window_sums = _window_sums_fn(model)
+  first_targets = stage.lengths(1)[1]
+  window_sums = _window_sums_fn(model, first_targets)
   own = None
-  report: dict[str, Any] = {"stage": stage.name, "windows": len(prefixes), "variants": {}}
+  report: dict[str, Any] = {"stage": stage.name, "windows": len(prefixes),
+                            "first_frame_targets": first_targets, "variants": {}}
   for name, (variant, unchanged) in prefix_variants(stage, prefixes, targets).items():
     sums = _window_sums(window_sums, params, variant, targets, length, batch_size)
-    loss, correct, weight = sums.sum(axis=0)
-    row: dict[str, Any] = {"loss": loss / weight, "accuracy": correct / weight}
-    per_token = sums[:, 0] / sums[:, 2]
+    loss, correct, weight, first_loss, first_weight = sums.sum(axis=0)
+    row: dict[str, Any] = {"loss": loss / weight, "accuracy": correct / weight,
+                           "first_frame_loss": first_loss / first_weight}
+    per_token = np.stack([sums[:, 0] / sums[:, 2], sums[:, 3] / sums[:, 4]], axis=1)
     if own is None:
       own = per_token
       report["target_tokens"] = int(weight)
     else:
-      increase = per_token - own
-      row["increase"] = float(np.mean(increase))
-      row["increase_stderr"] = float(np.std(increase, ddof=1) / np.sqrt(len(increase)))
+      row["increase"], row["increase_stderr"] = _mean_and_stderr(per_token[:, 0] - own[:, 0])
+      row["first_frame_increase"], row["first_frame_increase_stderr"] = _mean_and_stderr(
+          per_token[:, 1] - own[:, 1])
     if unchanged is not None:
       row["unchanged"] = unchanged
     report["variants"][name] = {k: float(v) for k, v in row.items()}
@@ -157,14 +180,16 @@ def evaluate_stage(model: Any, params: Any, stage: stages.Stage,
 def format_report(report: Mapping[str, Any]) -> str:
   """A plain-text table of `evaluate_stage`'s report."""
   lines = [f"{report['stage']} stage: {report['windows']} windows, {report['target_tokens']} "
-           f"target tokens" + (f", step {report['step']}" if "step" in report else ""),
-           f"{'prefix':<18}{'loss':>9}{'accuracy':>10}{'increase':>20}{'unchanged':>11}"]
+           f"target tokens ({report['first_frame_targets']} in each window's first frame)"
+           + (f", step {report['step']}" if "step" in report else ""),
+           f"{'prefix':<18}{'loss':>9}{'accuracy':>10}{'increase':>20}"
+           f"{'first frame loss':>18}{'increase':>20}{'unchanged':>11}"]
   for name, row in report["variants"].items():
-    increase = (f"{row['increase']:+.4f} ± {row['increase_stderr']:.4f}"
-                if "increase" in row else "")
+    increases = [f"{row[k]:+.4f} ± {row[k + '_stderr']:.4f}" if k in row else ""
+                 for k in ("increase", "first_frame_increase")]
     unchanged = f"{row['unchanged']:.2f}" if "unchanged" in row else ""
-    lines.append(f"{name:<18}{row['loss']:>9.4f}{row['accuracy']:>10.4f}{increase:>20}"
-                 f"{unchanged:>11}")
+    lines.append(f"{name:<18}{row['loss']:>9.4f}{row['accuracy']:>10.4f}{increases[0]:>20}"
+                 f"{row['first_frame_loss']:>18.4f}{increases[1]:>20}{unchanged:>11}")
   return "\n".join(lines)
 
 

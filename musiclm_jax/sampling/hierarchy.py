@@ -220,7 +220,8 @@ class Generator:
       raise ValueError(f"the prompt audio cannot be continued: {bad[0]}")
     return np.stack(out.semantic), np.stack(out.acoustic)
 
-  def _melody_tokenizer(self) -> melody_lib.MelodyTokenizer:
+  def melody_tokenizer(self) -> melody_lib.MelodyTokenizer:
+    """The bundle's melody encoder; ValueError when it cannot follow a melody."""
     tokenizer = self.bundle.tokenizers.melody
     if tokenizer is None or not self.melody_conditioned:
       raise ValueError(f"the bundle {self.bundle.directory} has no melody model, so it cannot "
@@ -233,7 +234,7 @@ class Generator:
     (float32 `[samples]`, rate) at the melody encoder's rate. Raises ValueError
     naming the problem (an `audio.AudioError` for an unreadable, silent, too
     short or unpitched recording; also a bundle without a melody model)."""
-    tokenizer = self._melody_tokenizer()
+    tokenizer = self.melody_tokenizer()
     rate = tokenizer.config.sample_rate
     wav = audio.load(path, sample_rate=rate)[0]
     return melody_lib.check_melody_recording(tokenizer.config, wav, name=path), rate
@@ -244,7 +245,7 @@ class Generator:
     windows looped to the longest row's count; None without a recording."""
     if melody_audio is None:
       return None
-    tokenizer = self._melody_tokenizer()
+    tokenizer = self.melody_tokenizer()
     single = isinstance(melody_audio, np.ndarray) and melody_audio.ndim != 2
     recordings = [np.asarray(w, np.float32) for w in ([melody_audio] if single
                                                       else melody_audio)]

@@ -251,6 +251,9 @@ class StageTask:
     """The first `max_windows` windows of `split` (0: all), in reading order, as
     (prefixes `[P_i]`, targets `[T_i]`) ids: one pass, no shuffling, no dropout."""
     provider = seqio.get_mixture_or_task(self.name)
+    if split not in provider.splits:
+      raise ValueError(f"the token cache of {self.name!r} has no split {split!r}; it has "
+                       f"{', '.join(sorted(provider.splits))}")
     ds = provider.get_dataset(sequence_length=self.feature_lengths, split=split,
                               shuffle=False, num_epochs=1)
     if max_windows:

@@ -61,9 +61,7 @@ def evaluate_generation(generator: Any, data_dir: str, prompt: str, seconds: flo
   unpitched) is skipped and counted by reason in `skipped_renditions`; the
   melody's next rendition stands in for it.
   """
-  tokenizer = generator.bundle.tokenizers.melody
-  if tokenizer is None:
-    raise ValueError("the bundle has no melody model to evaluate")
+  tokenizer = generator.melody_tokenizer()
   data = melody_pairs.load_split(data_dir, split)
   rate = melody_pairs.read_manifest(data_dir)["sample_rate"]
   melodies, skipped = {}, collections.Counter()
