@@ -8,7 +8,7 @@
     musiclm semantic {fit_kmeans|tokens} --checkpoint=MODEL_DIR ...
     musiclm eval {codec|mulan|semantic} --checkpoint=MODEL_DIR --corpus_dir=DIR
     musiclm eval generation --bundle=BUNDLE --corpus_dir=DIR
-    musiclm eval stage --checkpoint=MODEL_DIR [--split=test]   (what a stage uses of its prefix)
+    musiclm eval stage --checkpoint=MODEL_DIR [--step=N]   (what a stage uses of its prefix)
     musiclm tokenize --gin_file=gin/tokenize/default.gin --gin_bindings="TOKENS_DIR='...'" ...
     musiclm export --output=BUNDLE --gin_bindings="BundleRuns.coarse='runs/coarse'" ...
     musiclm generate --bundle=BUNDLE --prompt="a calm piano waltz" --seconds=30 --output=a.wav
@@ -55,6 +55,7 @@ flags.DEFINE_integer("workers", 0, "prepare: worker processes (0: one per CPU co
 flags.DEFINE_string("checkpoint", None,
                     "codec, mulan, semantic, eval: MODEL_DIR of the trained model.")
 flags.DEFINE_integer("num_levels", 0, "codec: RVQ levels to keep (0: all).")
+flags.DEFINE_integer("step", None, "eval stage: the checkpoint step (default: the newest).")
 flags.DEFINE_string("corpus_dir", None,
                     "eval, mulan fit_rvq, semantic fit_kmeans: a corpus built by prepare.")
 flags.DEFINE_string("split", "test", "eval: corpus split.")
@@ -371,12 +372,12 @@ def _eval_generation(args: Sequence[str]) -> None:
 
 def _eval_stage(args: Sequence[str]) -> None:
   from musiclm_jax.eval import stage as stage_eval  # pylint: disable=g-import-not-at-top
-  usage = ("musiclm eval stage --checkpoint=MODEL_DIR [--split=test --num_clips=256 "
+  usage = ("musiclm eval stage --checkpoint=MODEL_DIR [--step=N --split=test --num_clips=256 "
            "--output=report.json] [--gin_bindings=\"TOKENS_DIR='...'\"]")
   if args:
     raise UsageError(f"usage: {usage}; got {' '.join(args)}")
   report = _run(stage_eval.evaluate_run, _require_flag("checkpoint", usage), FLAGS.split,
-                FLAGS.num_clips, FLAGS.gin_file, FLAGS.gin_bindings)
+                FLAGS.num_clips, FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.step)
   print(stage_eval.format_report(report), flush=True)
   _write_report(report)
 
@@ -469,7 +470,8 @@ GIN_MODULES = {
     "train": _TRAIN_MODULES,
     "prepare": ("musiclm_jax.corpora.registry",),
     "codec": (),
-    "eval": ("musiclm_jax.sampling.hierarchy",),
+    # eval stage re-parses a stage run's own gin config (its task and model)
+    "eval": ("musiclm_jax.sampling.hierarchy", "musiclm_jax.tasks.stage_tasks") + _TRAIN_MODULES,
     "mulan": ("musiclm_jax.tokenizers.mulan_tokens",),
     "semantic": ("musiclm_jax.tokenizers.semantic_cli",),
     "tokenize": ("musiclm_jax.tasks.token_tasks",),

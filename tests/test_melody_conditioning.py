@@ -520,11 +520,15 @@ def test_cli_eval_stage_reports_what_a_checkpoint_uses_of_its_prefix(bundle_dir,
   for name, row in expected["variants"].items():
     assert report["variants"][name]["loss"] == pytest.approx(row["loss"], rel=1e-5)
   assert report["variants"]["other_melody"]["unchanged"] < 1.0  # two clips: other melodies
-  # A cache that moved, a split it lacks and a run that is not a stage are named.
+  # A cache that moved, a missing step, a split it lacks and a run that is not a stage
+  # are named.
   cli.FLAGS.mark_as_parsed()
   with flagsaver.flagsaver(checkpoint=runs["coarse"],
                            gin_bindings=[f"TOKENS_DIR = '{tmp_path}'"]):
     with pytest.raises(cli.CommandError, match="run `musiclm tokenize` first"):
+      cli.EVALUATIONS["stage"]([])
+  with flagsaver.flagsaver(checkpoint=runs["coarse"], step=5):
+    with pytest.raises(cli.CommandError, match=r"no checkpoint of step 5 \(steps: \[0\]\)"):
       cli.EVALUATIONS["stage"]([])
   with flagsaver.flagsaver(checkpoint=runs["coarse"], split="tset"):
     with pytest.raises(cli.CommandError, match="no split 'tset'; it has test, train, validation"):

@@ -194,10 +194,10 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
-                 gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()
-                 ) -> dict[str, Any]:
-  """`evaluate_stage` of a stage run's newest checkpoint on `split` of the token
-  cache it was trained on.
+                 gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
+                 step: int | None = None) -> dict[str, Any]:
+  """`evaluate_stage` of a stage run's checkpoint on `split` of the token cache
+  it was trained on.
 
   The stage task is rebuilt from the gin config stored in the checkpoint;
   `gin_files` and `gin_bindings` are parsed after it (e.g. `TOKENS_DIR = '...'`
@@ -207,6 +207,7 @@ def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
     model_dir: the stage's `MODEL_DIR`.
     split: the cache split to read windows from.
     max_windows: the first this many windows of the split (0: all).
+    step: the checkpoint to evaluate (default: the newest).
   Returns:
     `evaluate_stage`'s report with the checkpoint `step` and the `split`.
   Raises:
@@ -220,7 +221,7 @@ def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
   from musiclm_jax.tasks import stage_tasks
   from musiclm_jax.training import checkpoints
   # pylint: enable=g-import-not-at-top
-  variables, manifest = checkpoints.load_trained_variables(model_dir)
+  variables, manifest = checkpoints.load_trained_variables(model_dir, step)
   described = manifest.get("task") or {}
   if manifest.get("model") != "DecoderOnlyModel" or "stage" not in described:
     raise ValueError(f"{model_dir} holds a {manifest.get('model')} run, not a MusicLM stage")
