@@ -129,6 +129,11 @@ def _format_minutes(seconds: float) -> str:
   return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _default_plan() -> dict[str, Any]:
+  return {field.name: field.default for field in dataclasses.fields(QuickstartPlan)
+          if field.default is not dataclasses.MISSING}
+
+
 class RunState:
   """DIR/quickstart.json: the size and plan of the run and each finished phase's time."""
 
@@ -139,6 +144,8 @@ class RunState:
     if os.path.isfile(self.path):
       with open(self.path, encoding="utf-8") as f:
         self.state = json.load(f)
+      # A plan field added since the run started counts as its default.
+      self.state["plan"] = {**_default_plan(), **self.state.get("plan", {})}
       if {k: self.state.get(k) for k in identity} != identity:
         raise QuickstartError(
             f"{workdir} holds a quickstart of another size or plan ({self.state.get('size')}, "

@@ -149,6 +149,21 @@ def test_another_plan_unknown_size_and_bad_phase_are_refused(workdir):
   assert result.returncode == 1 and "unknown phase 'train'" in result.stderr
 
 
+def test_a_run_started_before_a_plan_field_existed_resumes_with_its_default(tmp_path):
+  plan = quickstart.QuickstartPlan(num_clips=20)
+  state = quickstart.RunState(str(tmp_path), "tiny", plan)
+  state.record("corpus", 1.0, {})
+  with open(tmp_path / quickstart.STATE_FILE, encoding="utf-8") as f:
+    stored = json.load(f)
+  del stored["plan"]["stage_eval_windows"]  # as written before the field existed
+  with open(tmp_path / quickstart.STATE_FILE, "w", encoding="utf-8") as f:
+    json.dump(stored, f)
+  assert quickstart.RunState(str(tmp_path), "tiny", plan).finished("corpus") == 1.0
+  with pytest.raises(quickstart.QuickstartError, match="another size or plan"):
+    quickstart.RunState(str(tmp_path), "tiny",
+                        quickstart.QuickstartPlan(num_clips=20, stage_eval_windows=8))
+
+
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_every_phase_file_of_the_sizes_parses_with_its_macros(size):
   configs = quickstart.config_dir(size)
