@@ -236,6 +236,7 @@ def _codec_section(paths, media: _Media) -> str:
 def _stages_section(paths) -> str:
   """What each stage uses of its prefix (`eval/stages.json`; absent from runs
   whose evaluate phase finished before it was measured)."""
+  from musiclm_jax.eval import stage as stage_eval  # pylint: disable=g-import-not-at-top
   path = os.path.join(paths.eval, "stages.json")
   if not os.path.isfile(path):
     return ""
@@ -249,8 +250,7 @@ def _stages_section(paths) -> str:
            "of 0 means the stage ignores that part.</p>"]
   for name, report in reports.items():
     rows = [[variant, row["loss"], row["accuracy"],
-             *(f"{row[k]:+.4f} ± {row[k + '_stderr']:.4f}" if k in row else ""
-               for k in ("increase", "first_frame_increase"))]
+             *(stage_eval.format_increase(row, k) for k in ("increase", "first_frame_increase"))]
             for variant, row in report["variants"].items()]
     parts.append(f"<h3>{html.escape(name)}: {report['windows']} windows, step "
                  f"{report['step']}</h3>")

@@ -177,6 +177,11 @@ def evaluate_stage(model: Any, params: Any, stage: stages.Stage,
   return report
 
 
+def format_increase(row: Mapping[str, float], key: str) -> str:
+  """`row[key]` ± its standard error (`increase`, `first_frame_increase`); '' for `own`."""
+  return f"{row[key]:+.4f} ± {row[key + '_stderr']:.4f}" if key in row else ""
+
+
 def format_report(report: Mapping[str, Any]) -> str:
   """A plain-text table of `evaluate_stage`'s report."""
   lines = [f"{report['stage']} stage: {report['windows']} windows, {report['target_tokens']} "
@@ -185,8 +190,7 @@ def format_report(report: Mapping[str, Any]) -> str:
            f"{'prefix':<18}{'loss':>9}{'accuracy':>10}{'increase':>20}"
            f"{'first frame loss':>18}{'increase':>20}{'unchanged':>11}"]
   for name, row in report["variants"].items():
-    increases = [f"{row[k]:+.4f} ± {row[k + '_stderr']:.4f}" if k in row else ""
-                 for k in ("increase", "first_frame_increase")]
+    increases = [format_increase(row, k) for k in ("increase", "first_frame_increase")]
     unchanged = f"{row['unchanged']:.2f}" if "unchanged" in row else ""
     lines.append(f"{name:<18}{row['loss']:>9.4f}{row['accuracy']:>10.4f}{increases[0]:>20}"
                  f"{row['first_frame_loss']:>18.4f}{increases[1]:>20}{unchanged:>11}")
@@ -199,9 +203,10 @@ def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
   """`evaluate_stage` of a stage run's checkpoint on `split` of the token cache
   it was trained on.
 
-  The stage task is rebuilt from the gin config stored in the checkpoint;
-  `gin_files` and `gin_bindings` are parsed after it (e.g. `TOKENS_DIR = '...'`
-  for a cache that moved). Reads windows with TensorFlow (`StageTask`).
+  The stage task is rebuilt from the gin config stored in the checkpoint, which
+  replaces the process' gin config; `gin_files` and `gin_bindings` are parsed
+  after it (e.g. `TOKENS_DIR = '...'` for a cache that moved). Reads windows
+  with TensorFlow (`StageTask`).
 
   Args:
     model_dir: the stage's `MODEL_DIR`.
