@@ -337,6 +337,11 @@ def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name
   padded = np.all(melody == vocab.PAD_ID, axis=1)
   assert 0 < padded.sum() < 32
   assert np.all(batch["decoder_target_tokens"][:, :12] != vocab.PAD_ID)
+  # A padded prefix is context, not targets: only the window's tokens are weighted.
+  prefix_len, num_targets = stage.lengths()
+  weights = batch["decoder_loss_weights"]
+  np.testing.assert_array_equal(weights[:, :prefix_len], 0.0)
+  np.testing.assert_array_equal(weights[:, prefix_len:prefix_len + num_targets], 1.0)
   with pytest.raises(ValueError, match="melody_dropout must be in"):
     stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
                           windows=WINDOWS, melody_conditioning=True, melody_dropout=1.0)

@@ -239,9 +239,15 @@ class StageTask:
     ds = seqio.PrefixLMFeatureConverter(pack=False)(ds, self.feature_lengths)
 
     def types(ex):
+      # The converter weights every non-pad target token outside `inputs`, taking
+      # PAD_ID (0) for padding: a prefix whose conditioning dropout padded it would
+      # be weighted as targets. Only positions from the first target on count.
+      first_target = tf.reduce_sum(tf.cast(ex["decoder_causal_attention"], tf.int32)) - 1
+      is_target = tf.range(tf.size(ex["decoder_loss_weights"])) >= first_target
+      weights = tf.cast(ex["decoder_loss_weights"], tf.float32) * tf.cast(is_target, tf.float32)
       return {"decoder_input_tokens": ex["decoder_input_tokens"],
               "decoder_target_tokens": ex["decoder_target_tokens"],
-              "decoder_loss_weights": tf.cast(ex["decoder_loss_weights"], tf.float32),
+              "decoder_loss_weights": weights,
               "decoder_causal_attention": tf.cast(ex["decoder_causal_attention"], tf.bool)}
     ds = ds.map(types, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
