@@ -358,6 +358,8 @@ def test_midi_frame_labels():
                                 [c_major] * 12 + [c_major | a_minor] + [a_minor] * 12 + [0] * 5)
   np.testing.assert_array_equal(labels["lowest_pitch_class"],
                                 [0] * 12 + [9] * 13 + [semantic_eval.NO_NOTE] * 5)
+  np.testing.assert_array_equal(labels["top_pitch_class"],  # G, then the E on top
+                                [7] * 12 + [4] * 13 + [semantic_eval.NO_NOTE] * 5)
   np.testing.assert_array_equal(labels["chord_root"][:12], 0)
   np.testing.assert_array_equal(labels["chord_root"][13:25], 9)
   np.testing.assert_array_equal(labels["chord_root"][25:], semantic_eval.NO_NOTE)
@@ -393,6 +395,30 @@ def test_nmi_and_usage_through_evaluate_tokens():
   assert constant["stability"]["gain_mean"] == constant["stability"]["delay_mean"] == 1.0
   with pytest.raises(ValueError, match="shape"):
     semantic_eval.label_nmi(np.zeros(5), {"x": np.zeros(6)})
+  # Within clips: the perfect tokens follow every change, constant ones none.
+  assert report["within_clip_ami"]["pitch_classes"] == pytest.approx(1.0)
+  assert all(v == pytest.approx(0.0) for v in constant["within_clip_ami"].values())
+
+
+def test_within_clip_ami_tells_tokens_that_follow_notes_from_clip_names():
+  clips = [labelled_clip(np.random.default_rng(i), 3.0) for i in range(4)]
+  labels = [c.labels for c in clips]
+  # Each clip renames its own chord roots differently: one-to-one inside a clip,
+  # clashing across clips.
+  follow = [(c["chord_root"] + 2) * (i + 1) % 13 for i, c in enumerate(labels)]
+  within = semantic_eval.within_clip_ami(follow, labels)
+  assert within["chord_root"] == pytest.approx(1.0)
+  assert semantic_eval.label_nmi(np.concatenate(follow), {"chord_root": np.concatenate(
+      [c["chord_root"] for c in labels])})["ami"]["chord_root"] < 0.9
+  # A token that names the clip: a fair AMI over all frames, none within clips.
+  identity = semantic_eval.clip_identity(clips)
+  assert identity["ami"]["chord_root"] > 0.05
+  assert identity["within_clip_ami"]["chord_root"] == pytest.approx(0.0)
+  # A label that never changes inside a clip has nothing to follow there.
+  steady = [dict(c, chord_root=np.full_like(c["chord_root"], i)) for i, c in enumerate(labels)]
+  assert semantic_eval.within_clip_ami(follow, steady)["chord_root"] is None
+  with pytest.raises(ValueError, match="clips"):
+    semantic_eval.within_clip_ami(follow[:2], labels)
 
 
 def test_tokenizer_and_export_read_the_step_the_kmeans_was_fitted_on(fitted_dir, tmp_path):
@@ -447,7 +473,7 @@ def test_evaluation_report_on_the_trained_model(fitted_dir):
   for method in ("semantic", "log_mel_kmeans"):
     result = report[method]
     assert (set(result["nmi"]) == set(result["nmi_shuffled_labels"]) == set(result["ami"])
-            == set(semantic_eval.LABELS))
+            == set(result["within_clip_ami"]) == set(semantic_eval.LABELS))
     assert all(-0.1 <= v <= 1.0 for v in result["ami"].values())
     assert set(result["stability"]) == {"gain_-3dB", "gain_+3dB", "gain_mean", "delay_mean",
                                         *(f"delay_{s}ms" for s in range(1, 6))}
@@ -462,13 +488,16 @@ def test_evaluation_report_on_the_trained_model(fitted_dir):
     assert baseline["ami"][label] > 0.02, label
   # The layer sweep scores every layer's k-means on the same frames.
   assert list(report["layers"]) == ["input", "contrastive_1", "mlm_1", "mlm_2"]
+  assert set(report["clip_identity"]["ami"]) == set(semantic_eval.LABELS)
   for result in report["layers"].values():
-    assert set(result["nmi"]) == set(result["ami"]) == set(semantic_eval.LABELS)
+    assert (set(result["nmi"]) == set(result["ami"]) == set(result["within_clip_ami"])
+            == set(semantic_eval.LABELS))
     assert all(0.0 <= v <= 1.0 for v in result["nmi"].values())
     assert 1.0 <= result["perplexity"] <= result["used_clusters"] <= 16
   json.dumps(report)  # JSON-able
   text = semantic_eval.format_report(report)
   assert "NMI chord_root" in text and "AMI chord_root" in text and "contrastive_1" in text
+  assert "AMI within clips top_pitch_class" in text and "clip_identity" in text
 
 
 def test_layer_outputs_are_the_hidden_states_of_each_layer(fitted_dir):

@@ -5,6 +5,8 @@ On clips of a corpus whose scores are known (the `midi` feature), tokens at
 
 * `pitch_classes`: the set of sounding pitch classes (a 12-bit mask);
 * `lowest_pitch_class`: the pitch class of the lowest sounding note;
+* `top_pitch_class`: the pitch class of the highest sounding note (the tune,
+  in most arrangements);
 * `chord_root`: root of the major or minor triad that best covers the
   sounding pitch classes (the lowest note breaks ties);
 * `drum_onset`: whether a drum note starts in the frame.
@@ -13,7 +15,14 @@ Silent frames (for drums: frames without an onset) form a label of their
 own. For each label the report gives the normalised mutual information
 (NMI, 0 .. 1) of tokens and labels, the NMI with the labels shuffled over
 all frames (what chance and the finite sample give), and the adjusted
-mutual information (AMI: 0 at chance, 1 for a perfect match). With 1024
+mutual information (AMI: 0 at chance, 1 for a perfect match), over all frames and
+within clips (`within_clip_ami`: the mean over clips of the AMI of a clip's
+own frames, over the clips whose label changes). A token that only names
+the clip scores well over all frames, since a clip's key, chords and
+register are its own, and 0 within clips; the report gives that AMI of the
+clip's identity (`clip_identity`) beside the tokens'. Tokens that follow
+the notes score well within clips too; a stage can only follow a tune (T_mel)
+through tokens that do. With 1024
 clusters and a few thousand frames most of a token set's NMI can be
 finite-sample bias, and the bias grows with the clusters a token set
 spreads the frames over: log-mel k-means on 20 clips scored 0.64 NMI on
@@ -48,7 +57,8 @@ from musiclm_jax.tasks import corpora
 from musiclm_jax.tokenizers import semantic
 from musiclm_jax.tokenizers import w2v_bert
 
-LABELS = ("pitch_classes", "lowest_pitch_class", "chord_root", "drum_onset")
+LABELS = ("pitch_classes", "lowest_pitch_class", "top_pitch_class", "chord_root",
+          "drum_onset")
 GAINS_DB = (-3.0, 3.0)
 SHIFTS_MS = (1, 2, 3, 4, 5)
 NO_NOTE = -1
@@ -79,6 +89,7 @@ def midi_frame_labels(midi: bytes, num_frames: int,
     raise ValueError(f"unreadable MIDI score ({len(midi)} bytes): {e}") from e
   chroma = np.zeros((num_frames, 12), bool)
   lowest = np.full(num_frames, 128)
+  highest = np.full(num_frames, -1)
   drum_onset = np.zeros(num_frames, np.int32)
   for instrument in score.instruments:
     for note in instrument.notes:
@@ -91,6 +102,7 @@ def midi_frame_labels(midi: bytes, num_frames: int,
       if first < last:
         chroma[first:last, note.pitch % 12] = True
         lowest[first:last] = np.minimum(lowest[first:last], note.pitch)
+        highest[first:last] = np.maximum(highest[first:last], note.pitch)
   sounding = lowest < 128
   lowest_pc = np.where(sounding, lowest % 12, NO_NOTE)
   # Triad templates [roots * qualities, 12]; score = covered pitch classes,
@@ -104,6 +116,7 @@ def midi_frame_labels(midi: bytes, num_frames: int,
   chord_root = np.where(sounding, roots[np.argmax(scores, axis=1)], NO_NOTE)
   return {"pitch_classes": (chroma * (1 << np.arange(12))).sum(axis=1).astype(np.int32),
           "lowest_pitch_class": lowest_pc.astype(np.int32),
+          "top_pitch_class": np.where(sounding, highest % 12, NO_NOTE).astype(np.int32),
           "chord_root": chord_root.astype(np.int32),
           "drum_onset": drum_onset}
 
@@ -182,6 +195,23 @@ def label_nmi(tokens: np.ndarray, labels: Mapping[str, np.ndarray], seed: int = 
   return report
 
 
+def within_clip_ami(tokens: Sequence[np.ndarray], labels: Sequence[Mapping[str, np.ndarray]]
+                    ) -> dict[str, float | None]:
+  """Mean over clips of the AMI of a clip's tokens `[frames_i]` with its labels.
+
+  Only clips whose label takes two values or more count (a constant label has
+  nothing to follow); None for a label that is constant in every clip.
+  """
+  if len(tokens) != len(labels):
+    raise ValueError(f"{len(tokens)} clips of tokens for {len(labels)} clips of labels")
+  report = {}
+  for name in labels[0] if labels else ():
+    scores = [adjusted_mutual_info_score(clip[name], clip_tokens)
+              for clip_tokens, clip in zip(tokens, labels) if len(np.unique(clip[name])) > 1]
+    report[name] = float(np.mean(scores)) if scores else None
+  return report
+
+
 def _delay(wav: np.ndarray, samples: int) -> np.ndarray:
   """`wav [batch, samples]` later by `samples`, same length (zeros in front)."""
   return np.pad(wav, ((0, 0), (samples, 0)))[:, :wav.shape[1]]
@@ -214,12 +244,31 @@ def token_stability(tokenize: Tokenize, wavs: Sequence[np.ndarray],
 
 def evaluate_tokens(tokenize: Tokenize, num_clusters: int, clips: Sequence[LabelledClip],
                     seed: int = 0) -> dict[str, Any]:
-  """Cluster usage, NMI with every label (and at chance) and stability of one tokenizer."""
-  tokens = np.concatenate([np.asarray(tokenize(clip.wav[None]))[0] for clip in clips])
+  """Cluster usage, NMI with every label (and at chance), AMI over all frames and
+  within clips, and stability of one tokenizer."""
+  return {**_score_tokens([np.asarray(tokenize(clip.wav[None]))[0] for clip in clips], clips,
+                          num_clusters, seed),
+          "stability": token_stability(tokenize, [clip.wav for clip in clips])}
+
+
+def _score_tokens(tokens: Sequence[np.ndarray], clips: Sequence[LabelledClip],
+                  num_clusters: int, seed: int) -> dict[str, Any]:
+  """Usage and label agreement of each clip's tokens `[frames_i]`."""
   labels = {name: np.concatenate([clip.labels[name] for clip in clips])
             for name in clips[0].labels}
-  return {**cluster_usage(tokens, num_clusters), **label_nmi(tokens, labels, seed),
-          "stability": token_stability(tokenize, [clip.wav for clip in clips])}
+  flat = np.concatenate(tokens)
+  return {**cluster_usage(flat, num_clusters), **label_nmi(flat, labels, seed),
+          "within_clip_ami": within_clip_ami(tokens, [clip.labels for clip in clips])}
+
+
+def clip_identity(clips: Sequence[LabelledClip], seed: int = 0) -> dict[str, Any]:
+  """`label_nmi` and `within_clip_ami` of a token that only names the clip (frame ->
+  clip index): what clip-level information alone scores (0 within clips)."""
+  index = [np.full(len(clip.labels[LABELS[0]]), i) for i, clip in enumerate(clips)]
+  labels = {name: np.concatenate([clip.labels[name] for clip in clips])
+            for name in clips[0].labels}
+  return {**label_nmi(np.concatenate(index), labels, seed),
+          "within_clip_ami": within_clip_ami(index, [clip.labels for clip in clips])}
 
 
 def layer_sweep(model: w2v_bert.W2vBertModel, params: Any,
@@ -236,7 +285,8 @@ def layer_sweep(model: w2v_bert.W2vBertModel, params: Any,
   `evaluate_tokens` (without the stability test).
 
   Returns:
-    `{layer: {"perplexity", "used_clusters", "nmi", "nmi_shuffled_labels", "ami"}}`.
+    `{layer: {"perplexity", "used_clusters", "nmi", "nmi_shuffled_labels", "ami",
+    "within_clip_ami"}}`.
   """
   names = model.layer_names()
   # [batch, frames, layers, d_model]
@@ -249,13 +299,11 @@ def layer_sweep(model: w2v_bert.W2vBertModel, params: Any,
   frames = semantic.sample_frames(all_layers, train_batches, num_frames, frames_per_clip, seed)
   frames = frames.reshape(frames.shape[0], len(names), -1)
   clip_frames = [np.asarray(layer_frames(params, clip.wav[None]))[0] for clip in clips]
-  labels = {name: np.concatenate([clip.labels[name] for clip in clips])
-            for name in clips[0].labels}
   report = {}
   for i, name in enumerate(names):
     fitted, _ = semantic.fit_kmeans(jax.random.PRNGKey(seed), frames[:, i], num_clusters)
-    tokens = np.concatenate([np.asarray(fitted.assign(f[:, i])) for f in clip_frames])
-    report[name] = {**cluster_usage(tokens, num_clusters), **label_nmi(tokens, labels, seed)}
+    report[name] = _score_tokens([np.asarray(fitted.assign(f[:, i])) for f in clip_frames],
+                                 clips, num_clusters, seed)
   return report
 
 
@@ -274,7 +322,7 @@ def evaluate_semantic(tokenizer: semantic.SemanticTokenizer,
   Returns:
     a JSON-able report: `semantic` and `log_mel_kmeans`, each with
     `perplexity`, `used_clusters`, `nmi`, `nmi_shuffled_labels`, `ami`,
-    `stability`;
+    `within_clip_ami`, `stability`; `clip_identity` (`clip_identity`);
     `baseline_fit` (frames, inertia, ...); and `layers`, `layer_sweep` of the
     tokenizer's w2v-BERT on the same frames.
   """
@@ -293,32 +341,41 @@ def evaluate_semantic(tokenizer: semantic.SemanticTokenizer,
                                       clips, seed),
           "log_mel_kmeans": evaluate_tokens(assign_baseline, tokenizer.num_clusters, clips,
                                             seed),
+          "clip_identity": clip_identity(clips, seed),
           "baseline_fit": fit_stats,
           "layers": layer_sweep(tokenizer.extractor.model, tokenizer.extractor.params,
                                 train_batches, clips, tokenizer.num_clusters, num_frames,
                                 frames_per_clip, seed, tokenizer.extractor.dtype)}
 
 
+def _number(value: float | None, width: int) -> str:
+  return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"
+
+
 def format_report(report: Mapping[str, Any]) -> str:
   """A plain-text table of `evaluate_semantic`'s report."""
+  methods = ("semantic", "log_mel_kmeans", "clip_identity")
+  labels = list(report["label_classes"])
   lines = [f"{report['clips']} clips, {report['frames']} frames at "
-           f"{report['frame_rate']:g} Hz, {report['num_clusters']} clusters",
-           f"{'':<26}" + "".join(f"{name:>20}" for name in ("semantic", "log_mel_kmeans"))]
-  rows = [("perplexity", lambda r: r["perplexity"]),
-          ("used clusters", lambda r: r["used_clusters"])]
-  rows += [(f"NMI {name}", lambda r, n=name: r["nmi"][n]) for name in report["label_classes"]]
-  rows += [(f"AMI {name}", lambda r, n=name: r["ami"][n]) for name in report["label_classes"]]
-  rows += [("stable gain", lambda r: r["stability"]["gain_mean"]),
-           ("stable delay", lambda r: r["stability"]["delay_mean"])]
+           f"{report['frame_rate']:g} Hz, {report['num_clusters']} clusters "
+           "(clip_identity: a token that only names the clip)",
+           f"{'':<36}" + "".join(f"{name:>20}" for name in methods)]
+  rows = [("perplexity", lambda r: r.get("perplexity")),
+          ("used clusters", lambda r: r.get("used_clusters"))]
+  rows += [(f"NMI {name}", lambda r, n=name: r["nmi"][n]) for name in labels]
+  rows += [(f"AMI {name}", lambda r, n=name: r["ami"][n]) for name in labels]
+  rows += [(f"AMI within clips {name}", lambda r, n=name: r["within_clip_ami"][n])
+           for name in labels]
+  rows += [("stable gain", lambda r: r.get("stability", {}).get("gain_mean")),
+           ("stable delay", lambda r: r.get("stability", {}).get("delay_mean"))]
   for title, value in rows:
-    lines.append(f"{title:<26}" + "".join(
-        f"{value(report[m]):>20.4f}" for m in ("semantic", "log_mel_kmeans")))
+    lines.append(f"{title:<36}" + "".join(_number(value(report[m]), 20) for m in methods))
   if report.get("layers"):
-    labels = list(report["label_classes"])
-    lines.append(f"NMI / AMI of each layer's k-means (tokens: MLM layer "
-                 f"{report.get('mlm_layer', '?')})")
-    lines.append(f"{'':<26}" + "".join(f"{name:>20}" for name in labels))
+    lines.append(f"AMI over all frames / within clips of each layer's k-means (tokens: MLM "
+                 f"layer {report.get('mlm_layer', '?')})")
+    lines.append(f"{'':<36}" + "".join(f"{name:>20}" for name in labels))
     for layer, result in report["layers"].items():
-      lines.append(f"{layer:<26}" + "".join(
-          f"{result['nmi'][n]:>11.4f} /{result['ami'][n]:>7.4f}" for n in labels))
+      lines.append(f"{layer:<36}" + "".join(
+          f"{result['ami'][n]:>11.4f} /" + _number(result["within_clip_ami"][n], 7)
+          for n in labels))
   return "\n".join(lines)
