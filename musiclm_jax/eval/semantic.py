@@ -251,13 +251,17 @@ def evaluate_tokens(tokenize: Tokenize, num_clusters: int, clips: Sequence[Label
           "stability": token_stability(tokenize, [clip.wav for clip in clips])}
 
 
+def _all_frames(clips: Sequence[LabelledClip]) -> dict[str, np.ndarray]:
+  """Each label of every clip's frames, concatenated: `{name: [total_frames]}`."""
+  return {name: np.concatenate([clip.labels[name] for clip in clips])
+          for name in clips[0].labels}
+
+
 def _score_tokens(tokens: Sequence[np.ndarray], clips: Sequence[LabelledClip],
                   num_clusters: int, seed: int) -> dict[str, Any]:
   """Usage and label agreement of each clip's tokens `[frames_i]`."""
-  labels = {name: np.concatenate([clip.labels[name] for clip in clips])
-            for name in clips[0].labels}
   flat = np.concatenate(tokens)
-  return {**cluster_usage(flat, num_clusters), **label_nmi(flat, labels, seed),
+  return {**cluster_usage(flat, num_clusters), **label_nmi(flat, _all_frames(clips), seed),
           "within_clip_ami": within_clip_ami(tokens, [clip.labels for clip in clips])}
 
 
@@ -265,9 +269,7 @@ def clip_identity(clips: Sequence[LabelledClip], seed: int = 0) -> dict[str, Any
   """`label_nmi` and `within_clip_ami` of a token that only names the clip (frame ->
   clip index): what clip-level information alone scores (0 within clips)."""
   index = [np.full(len(clip.labels[LABELS[0]]), i) for i, clip in enumerate(clips)]
-  labels = {name: np.concatenate([clip.labels[name] for clip in clips])
-            for name in clips[0].labels}
-  return {**label_nmi(np.concatenate(index), labels, seed),
+  return {**label_nmi(np.concatenate(index), _all_frames(clips), seed),
           "within_clip_ami": within_clip_ami(index, [clip.labels for clip in clips])}
 
 
@@ -335,8 +337,8 @@ def evaluate_semantic(tokenizer: semantic.SemanticTokenizer,
   return {"clips": len(clips), "frames": frames,
           "seconds": frames / w2v_bert.FRAME_RATE, "frame_rate": w2v_bert.FRAME_RATE,
           "num_clusters": tokenizer.num_clusters,
-          "label_classes": {name: int(len(np.unique(np.concatenate(
-              [clip.labels[name] for clip in clips])))) for name in clips[0].labels},
+          "label_classes": {name: int(len(np.unique(values)))
+                            for name, values in _all_frames(clips).items()},
           "semantic": evaluate_tokens(tokenizer.semantic_tokens, tokenizer.num_clusters,
                                       clips, seed),
           "log_mel_kmeans": evaluate_tokens(assign_baseline, tokenizer.num_clusters, clips,
