@@ -15,7 +15,8 @@ in `gin/quickstart/<size>/` (one gin file per phase, runnable on its own):
   export       `musiclm export`: the six models as one bundle
   generate     `musiclm infer` on the corpus' held-out test prompts
   evaluate     generation measures beside the real clips; codec reconstructions;
-               what each stage uses of its prefix (`musiclm eval stage`)
+               whether the semantic tokens follow the notes (`musiclm eval
+               semantic`); what each stage uses of its prefix (`musiclm eval stage`)
   report       DIR/report/index.html (see `report.py`)
 
 What each phase finished is recorded in DIR/quickstart.json; a re-run skips
@@ -74,6 +75,8 @@ class QuickstartPlan:
     num_reconstructions: test clips shown through the codec in the report.
     stage_eval_windows: test windows (at most) on which each stage's use of
       its prefix is measured (`musiclm eval stage`).
+    semantic_eval_clips: test clips (at most) on which the semantic tokens are
+      scored against the score's notes (`musiclm eval semantic`).
     expected_minutes: typical minutes per phase on the machine the size is
       meant for; the basis of the ETA.
   """
@@ -84,6 +87,7 @@ class QuickstartPlan:
   generate_seconds: float = 8.0
   num_reconstructions: int = 4
   stage_eval_windows: int = 64
+  semantic_eval_clips: int = 32
   expected_minutes: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -258,7 +262,8 @@ class Quickstart:
         "fine": ("train the fine acoustic stage", lambda: self.stage("fine")),
         "export": ("export the bundle", self.export),
         "generate": ("generate clips for held-out prompts", self.generate),
-        "evaluate": ("evaluate generation, the codec and the stages", self.evaluate),
+        "evaluate": ("evaluate generation, the codec, the semantic tokens and the stages",
+                     self.evaluate),
         "report": ("write the HTML report", self.report),
     }
     self.corpus_dir = self._corpus_dir()
@@ -395,7 +400,22 @@ class Quickstart:
     print(codec_eval.format_report(codec_report), flush=True)
     return {"frechet_distance": round(report["frechet_distance"], 4),
             "cycle_consistency": round(report["generated"]["cycle_consistency"], 4),
+            "semantic_within_clip_ami": self._evaluate_semantic_tokens(),
             "prefix_use": self._evaluate_stages()}
+
+  def _evaluate_semantic_tokens(self) -> dict[str, list[float | None]]:
+    """Whether the semantic tokens follow the notes (`eval/semantic.json`); returns
+    the within-clip AMI of each label for the tokens and for log-mel k-means."""
+    from musiclm_jax.eval import semantic as semantic_eval  # pylint: disable=g-import-not-at-top
+    from musiclm_jax.tokenizers import semantic_cli  # pylint: disable=g-import-not-at-top
+    report = semantic_cli.evaluate(self.paths.run("w2v_bert"), self.corpus_dir, "test",
+                                   self.plan.semantic_eval_clips)
+    print(semantic_eval.format_report(report), flush=True)
+    _write_json(os.path.join(self.paths.eval, "semantic.json"), report)
+    return {label: [None if report[m]["within_clip_ami"][label] is None
+                    else round(report[m]["within_clip_ami"][label], 4)
+                    for m in ("semantic", "log_mel_kmeans")]
+            for label in report["label_classes"]}
 
   def _evaluate_stages(self) -> dict[str, list[float]]:
     """What each stage uses of its prefix on test windows (`eval/stages.json`);

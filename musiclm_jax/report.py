@@ -259,6 +259,28 @@ def _stages_section(paths) -> str:
   return "\n".join(parts)
 
 
+def _semantic_section(paths) -> str:
+  """Whether the semantic tokens follow the notes (`eval/semantic.json`; absent from
+  runs whose evaluate phase finished before it was measured)."""
+  path = os.path.join(paths.eval, "semantic.json")
+  if not os.path.isfile(path):
+    return ""
+  with open(path, encoding="utf-8") as f:
+    report = json.load(f)
+  methods = ("semantic", "log_mel_kmeans", "clip_identity")
+  ami = lambda value: "–" if value is None else f"{value:.3f}"  # None: a label never changes
+  rows = [[label, *(f"{ami(report[m]['ami'][label])} / {ami(report[m]['within_clip_ami'][label])}"
+                    for m in methods)]
+          for label in report["label_classes"]]
+  return "\n".join([
+      "<h2>Do the semantic tokens follow the notes?</h2>",
+      f"<p>Adjusted mutual information of the tokens with labels read from the score of "
+      f"{report['clips']} test clips, over all frames / within clips, beside k-means of "
+      "log-mel and a token that only names the clip. A stage can only follow a tune "
+      "through tokens that score well within clips.</p>",
+      _table(["label", "semantic tokens", "log-mel k-means", "clip identity"], rows)])
+
+
 def _curves_section(paths, media: _Media) -> str:
   from musiclm_jax.training import metrics  # pylint: disable=g-import-not-at-top
   parts = ["<h2>Training curves</h2>"]
@@ -289,7 +311,8 @@ def write_quickstart_report(paths, state: dict[str, Any]) -> str:
   body = "\n".join([
       "<h1>musiclm_jax quickstart</h1>",
       '<p id="media-status">checking media…</p>',
-      _prompt_sections(paths, media), _codec_section(paths, media), _stages_section(paths),
+      _prompt_sections(paths, media), _codec_section(paths, media), _semantic_section(paths),
+      _stages_section(paths),
       _curves_section(paths, media), _phases_section(state)])
   page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>musiclm_jax quickstart"
           f"</title><style>{STYLE}</style></head><body>{body}{MEDIA_CHECK}</body></html>")

@@ -97,8 +97,17 @@ def test_outputs_of_every_phase_are_where_the_layout_says(workdir):
     dropped = ["no_conditioning"] if name != "fine" else []
     assert list(report["variants"]) == ["own", *dropped, *borrowed[name]], name
     assert (report["step"], report["split"]) == (2, "test") and report["windows"] >= 2
+  with open(os.path.join(directory, "eval", "semantic.json"), encoding="utf-8") as f:
+    semantic_report = json.load(f)
+  assert semantic_report["split"] == "test" and semantic_report["clips"] == 2
   with open(os.path.join(directory, quickstart.STATE_FILE), encoding="utf-8") as f:
-    prefix_use = json.load(f)["phases"]["evaluate"]["prefix_use"]
+    evaluate = json.load(f)["phases"]["evaluate"]
+  within = {label: [None if v is None else pytest.approx(v, abs=1e-4) for v in values]
+            for label, values in evaluate["semantic_within_clip_ami"].items()}
+  assert within == {label: [semantic_report[m]["within_clip_ami"][label]
+                            for m in ("semantic", "log_mel_kmeans")]
+                    for label in semantic_report["label_classes"]}
+  prefix_use = evaluate["prefix_use"]
   assert prefix_use == {f"{name}.{variant}": pytest.approx(
       [stage_reports[name]["variants"][variant][k] for k in ("increase", "first_frame_increase")],
       abs=1e-4) for name, variants in borrowed.items() for variant in variants}
@@ -117,6 +126,7 @@ def test_report_loads_all_its_audio_and_images_in_headless_chromium(workdir, tmp
   for prompt in ("prompt_00", "prompt_01"):
     assert f'src="media/{prompt}.wav"' in html and f'src="media/{prompt}_real.wav"' in html
   assert "What each stage uses of its prefix" in html and "other_semantic" in html
+  assert "Do the semantic tokens follow the notes?" in html and "top_pitch_class" in html
 
   def load(path):
     result = subprocess.run(
