@@ -274,7 +274,7 @@ def _semantic_section(paths) -> str:
           for label in report["label_classes"]]
   return "\n".join([
       "<h2>Do the semantic tokens follow the notes?</h2>",
-      f"<p>Adjusted mutual information of the tokens with labels read from the score of "
+      "<p>Adjusted mutual information of the tokens with labels read from the score of "
       f"{report['clips']} test clips, over all frames / within clips, beside k-means of "
       "log-mel and a token that only names the clip. A stage can only follow a tune "
       "through tokens that score well within clips.</p>",
