@@ -372,8 +372,9 @@ def _eval_generation(args: Sequence[str]) -> None:
 
 def _eval_stage(args: Sequence[str]) -> None:
   from musiclm_jax.eval import stage as stage_eval  # pylint: disable=g-import-not-at-top
-  usage = ("musiclm eval stage --checkpoint=MODEL_DIR [--step=N --split=test --num_clips=256 "
-           "--output=report.json] [--gin_bindings=\"TOKENS_DIR='...'\"]")
+  usage = ("musiclm eval stage --checkpoint=MODEL_DIR [--step=N --split=test "
+           "--num_clips=32 (0: all) --output=report.json] "
+           "[--gin_bindings=\"TOKENS_DIR='...'\"]")
   if args:
     raise UsageError(f"usage: {usage}; got {' '.join(args)}")
   report = _run(stage_eval.evaluate_run, _require_flag("checkpoint", usage), FLAGS.split,
