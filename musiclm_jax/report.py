@@ -247,15 +247,18 @@ def _stages_section(paths) -> str:
            "prefix, with a part of it padded, or with a part taken from a window of another "
            "clip; over the whole window and over its first frame (40 ms), which nothing "
            "earlier in the window predicts. An increase within about two standard errors "
-           "of 0 means the stage ignores that part.</p>"]
+           "of 0 means the stage ignores that part. Losses are over each token's legal ids, "
+           "as the sampler draws; <i>outside legal</i> is the probability left on the "
+           "others.</p>"]
   for name, report in reports.items():
     rows = [[variant, row["loss"], row["accuracy"],
-             *(stage_eval.format_increase(row, k) for k in ("increase", "first_frame_increase"))]
+             *(stage_eval.format_increase(row, k) for k in ("increase", "first_frame_increase")),
+             row.get("outside_legal", "")]  # absent from reports before it was measured
             for variant, row in report["variants"].items()]
     parts.append(f"<h3>{html.escape(name)}: {report['windows']} windows, step "
                  f"{report['step']}</h3>")
-    parts.append(_table(["prefix", "loss", "accuracy", "increase", "first-frame increase"],
-                        rows))
+    parts.append(_table(["prefix", "loss", "accuracy", "increase", "first-frame increase",
+                         "outside legal"], rows))
   return "\n".join(parts)
 
 

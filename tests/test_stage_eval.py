@@ -100,6 +100,21 @@ def trained():
   return model, untrained, state.params
 
 
+def legal_losses(model, params, stage, prefix, target, length):
+  """Per target of one window: the cross entropy over its legal ids and the
+  probability outside them, float64 `[targets]` each, from the full logits."""
+  example = {k: v[None] for k, v in prefix_lm_example(prefix, target, length).items()}
+  logits = np.asarray(model.logits(params, example)[0], np.float64)
+  logits = logits[len(prefix):len(prefix) + len(target)]
+  lo, hi = stage.target_ranges(len(target))
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ids = np.arange(probs.shape[1])
+  inside = np.where((ids >= lo[:, None]) & (ids < hi[:, None]), probs, 0.0)
+  chosen = inside[np.arange(len(target)), target]
+  return -np.log(chosen / inside.sum(-1)), 1.0 - inside.sum(-1)
+
+
 def test_a_stage_that_follows_the_melody_loses_without_it_but_not_without_mulan(trained):
   model, untrained, params = trained
   prefixes, targets = windows_following_the_melody(np.random.default_rng(1), SEMANTIC, 40)
@@ -114,11 +129,15 @@ def test_a_stage_that_follows_the_melody_loses_without_it_but_not_without_mulan(
   assert rows["other_melody"]["increase"] > 10 * rows["other_melody"]["increase_stderr"]
   assert rows["no_melody"]["increase"] > 0.5 and rows["no_conditioning"]["increase"] > 0.5
   assert abs(rows["other_mulan"]["increase"]) < 0.05 * rows["other_melody"]["increase"]
-  # The loss of `own` is the token-weighted mean of the model's own loss sums.
+  # The loss of `own` is over the legal ids: below the model's loss over the whole
+  # vocabulary by what it puts outside them.
   length = len(prefixes[0]) + len(targets[0])
+  legal = [legal_losses(model, params, SEMANTIC, p, t, length) for p, t in zip(prefixes, targets)]
+  assert rows["own"]["loss"] == pytest.approx(np.mean([l for l, _ in legal]), rel=1e-4)
+  assert rows["own"]["outside_legal"] == pytest.approx(np.mean([o for _, o in legal]), rel=1e-4)
   examples = [prefix_lm_example(p, t, length) for p, t in zip(prefixes, targets)]
   _, sums = model.loss_sums(params, {k: np.stack([e[k] for e in examples]) for k in examples[0]})
-  assert rows["own"]["loss"] == pytest.approx(float(sums["loss"] / sums["weight"]), rel=1e-4)
+  assert rows["own"]["loss"] < float(sums["loss"] / sums["weight"])
   # One target per window: its first frame is all of it.
   assert report["first_frame_targets"] == 1
   assert rows["other_melody"]["first_frame_increase"] == pytest.approx(
@@ -146,15 +165,14 @@ def test_first_frame_losses_are_those_of_each_windows_first_semantic_frame(train
   report = stage_eval.evaluate_stage(model, untrained, coarse, prefixes, targets, batch_size=2)
   assert report["first_frame_targets"] == 2 * 4  # two acoustic frames of the 4 coarse levels
   length = len(prefixes[0]) + len(targets[0])
-  losses, first = [], []
-  for prefix, target in zip(prefixes, targets):
-    example = {k: v[None] for k, v in prefix_lm_example(prefix, target, length).items()}
-    cross_entropy = np.asarray(model.token_losses(untrained, example)["cross_entropy"][0])
-    losses.append(cross_entropy[len(prefix):len(prefix) + len(target)])
-    first.append(losses[-1][:8])
+  losses, outside = zip(*(legal_losses(model, untrained, coarse, p, t, length)
+                           for p, t in zip(prefixes, targets)))
   own = report["variants"]["own"]
   assert own["loss"] == pytest.approx(np.concatenate(losses).mean(), rel=1e-5)
-  assert own["first_frame_loss"] == pytest.approx(np.mean(first), rel=1e-5)
+  assert own["first_frame_loss"] == pytest.approx(np.mean([l[:8] for l in losses]), rel=1e-5)
+  # Untrained, the stage spreads its probability over all ids: mostly illegal ones.
+  assert own["outside_legal"] == pytest.approx(np.concatenate(outside).mean(), rel=1e-5)
+  assert own["outside_legal"] > 0.9
 
 
 def test_too_few_windows_is_a_clear_error(trained):

@@ -26,6 +26,11 @@ swapped in carry the same information: `unchanged` is the fraction of windows
 whose borrowed part equals their own). `no_*` variants are inputs the stage
 saw in training only as often as its conditioning and melody dropout made them.
 
+Losses and accuracies are over each target's legal ids (`Stage.target_ranges`),
+the distribution the sampler draws from; `outside_legal` is the probability the
+stage puts on the other ids, which the sampler masks and the trainer's
+`eval/loss` (over the whole vocabulary) counts against it.
+
 `evaluate_stage` is numpy and JAX (no TensorFlow); `evaluate_run`, what
 `musiclm eval stage` and the quickstart call, reads a run's windows from its
 token cache with `StageTask.eval_windows` (TensorFlow, imported there).
@@ -95,23 +100,42 @@ def prefix_variants(stage: stages.Stage, prefixes: Sequence[np.ndarray],
 
 
 def _window_sums_fn(model: Any, first_targets: int):
-  """Jitted `(params, batch) -> float32 [batch, 5]`: per window its summed loss,
-  correct predictions and target count, then the summed loss and count of its
-  first `first_targets` targets."""
+  """Jitted `(params, batch) -> float32 [batch, 6]`: per window its summed loss,
+  correct predictions and target count, the summed loss and count of its first
+  `first_targets` targets, and its summed probability outside the legal ids.
+
+  Losses and predictions are over each target's legal ids (`batch["legal_lo"]`,
+  `batch["legal_hi"]`, int `[batch, length]`), the distribution the sampler
+  draws from."""
   def window_sums(params, batch):
-    terms = model.token_losses(params, batch)
+    logits = model.logits(params, batch)
+    ids = jnp.arange(logits.shape[-1])
+    legal = (ids >= batch["legal_lo"][..., None]) & (ids < batch["legal_hi"][..., None])
+    log_probs = jax.nn.log_softmax(jnp.where(legal, logits, -jnp.inf))
+    targets = batch["decoder_target_tokens"]
+    loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(log_probs, axis=-1) == targets).astype(jnp.float32)
+    outside = 1.0 - jnp.sum(jax.nn.softmax(logits) * legal, axis=-1)
     weights = batch["decoder_loss_weights"]
+    loss = jnp.where(weights > 0, loss, 0.0)  # prefix and padding positions: -inf or nan
     first = weights * (jnp.cumsum(weights, axis=1) <= first_targets)
-    loss = terms["cross_entropy"]
-    return jnp.stack([jnp.sum(loss * weights, 1), jnp.sum(terms["correct"] * weights, 1),
-                      jnp.sum(weights, 1), jnp.sum(loss * first, 1), jnp.sum(first, 1)], 1)
+    return jnp.stack([jnp.sum(loss * weights, 1), jnp.sum(correct * weights, 1),
+                      jnp.sum(weights, 1), jnp.sum(loss * first, 1), jnp.sum(first, 1),
+                      jnp.sum(outside * weights, 1)], 1)
   return jax.jit(window_sums)
 
 
-def _window_sums(window_sums, params, prefixes: Sequence[np.ndarray],
+def _window_sums(window_sums, params, stage: stages.Stage, prefixes: Sequence[np.ndarray],
                  targets: Sequence[np.ndarray], length: int, batch_size: int) -> np.ndarray:
-  """float64 `[windows, 5]` of `_window_sums_fn`, batch by batch."""
-  examples = [prefix_lm_example(p, t, length) for p, t in zip(prefixes, targets)]
+  """float64 `[windows, 6]` of `_window_sums_fn`, batch by batch."""
+  examples = []
+  for prefix, target in zip(prefixes, targets):
+    example = prefix_lm_example(prefix, target, length)
+    example["legal_lo"] = np.zeros(length, np.int32)  # prefix and padding: any id
+    example["legal_hi"] = np.full(length, np.iinfo(np.int32).max, np.int32)
+    where = slice(len(prefix), len(prefix) + len(target))
+    example["legal_lo"][where], example["legal_hi"][where] = stage.target_ranges(len(target))
+    examples.append(example)
   empty = {k: np.zeros_like(v) for k, v in examples[0].items()}  # weight 0: fills a batch
   rows = []
   for start in range(0, len(examples), batch_size):
@@ -144,8 +168,9 @@ def evaluate_stage(model: Any, params: Any, stage: stages.Stage,
     batch_size: windows per forward pass.
   Returns:
     `windows`, `target_tokens`, `first_frame_targets` (per window) and
-    `variants`: name -> `loss`, `accuracy` and `first_frame_loss` (per target
-    token); except for `own`, `increase` and `first_frame_increase` (nats per
+    `variants`: name -> `loss`, `accuracy`, `first_frame_loss` (per target
+    token, over its legal ids) and `outside_legal` (the mean probability of
+    the other ids); except for `own`, `increase` and `first_frame_increase` (nats per
     token over `own`) with their standard errors over windows
     (`*_stderr`); for `other_*`, `unchanged`.
   """
@@ -159,10 +184,11 @@ def evaluate_stage(model: Any, params: Any, stage: stages.Stage,
   report: dict[str, Any] = {"stage": stage.name, "windows": len(prefixes),
                             "first_frame_targets": first_targets, "variants": {}}
   for name, (variant, unchanged) in prefix_variants(stage, prefixes, targets).items():
-    sums = _window_sums(window_sums, params, variant, targets, length, batch_size)
-    loss, correct, weight, first_loss, first_weight = sums.sum(axis=0)
+    sums = _window_sums(window_sums, params, stage, variant, targets, length, batch_size)
+    loss, correct, weight, first_loss, first_weight, outside = sums.sum(axis=0)
     row: dict[str, Any] = {"loss": loss / weight, "accuracy": correct / weight,
-                           "first_frame_loss": first_loss / first_weight}
+                           "first_frame_loss": first_loss / first_weight,
+                           "outside_legal": outside / weight}
     per_token = np.stack([sums[:, 0] / sums[:, 2], sums[:, 3] / sums[:, 4]], axis=1)
     if own is None:
       own = per_token
@@ -188,12 +214,13 @@ def format_report(report: Mapping[str, Any]) -> str:
            f"target tokens ({report['first_frame_targets']} in each window's first frame)"
            + (f", step {report['step']}" if "step" in report else ""),
            f"{'prefix':<18}{'loss':>9}{'accuracy':>10}{'increase':>20}"
-           f"{'first frame loss':>18}{'increase':>20}{'unchanged':>11}"]
+           f"{'first frame loss':>18}{'increase':>20}{'unchanged':>11}{'outside legal':>15}"]
   for name, row in report["variants"].items():
     increases = [format_increase(row, k) for k in ("increase", "first_frame_increase")]
     unchanged = f"{row['unchanged']:.2f}" if "unchanged" in row else ""
     lines.append(f"{name:<18}{row['loss']:>9.4f}{row['accuracy']:>10.4f}{increases[0]:>20}"
-                 f"{row['first_frame_loss']:>18.4f}{increases[1]:>20}{unchanged:>11}")
+                 f"{row['first_frame_loss']:>18.4f}{increases[1]:>20}{unchanged:>11}"
+                 f"{row['outside_legal']:>15.4f}")
   return "\n".join(lines)
 
 
