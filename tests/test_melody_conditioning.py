@@ -342,6 +342,22 @@ def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name
   weights = batch["decoder_loss_weights"]
   np.testing.assert_array_equal(weights[:, :prefix_len], 0.0)
   np.testing.assert_array_equal(weights[:, prefix_len:prefix_len + num_targets], 1.0)
+  # The gin-set first-frame weight: the targets of the first semantic frame of a
+  # training window; evaluation windows weigh every target 1.
+  weighted = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                                   windows=WINDOWS, melody_conditioning=True,
+                                   first_frame_weight=4.0)
+  first = stage.lengths(1)[1]
+  assert first == {"semantic": 1, "coarse": 2 * 4}[name]  # coarse: two acoustic frames
+  weights = next(weighted.iterator("train", 8))["decoder_loss_weights"]
+  np.testing.assert_array_equal(weights[:, :prefix_len], 0.0)
+  np.testing.assert_array_equal(weights[:, prefix_len:prefix_len + first], 4.0)
+  np.testing.assert_array_equal(weights[:, prefix_len + first:prefix_len + num_targets], 1.0)
+  weights = next(weighted.iterator("validation", 4))["decoder_loss_weights"]
+  np.testing.assert_array_equal(weights[:, prefix_len:prefix_len + num_targets], 1.0)
+  with pytest.raises(ValueError, match="first_frame_weight must be positive"):
+    stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                          windows=WINDOWS, first_frame_weight=0.0)
   with pytest.raises(ValueError, match="melody_dropout must be in"):
     stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
                           windows=WINDOWS, melody_conditioning=True, melody_dropout=1.0)

@@ -185,23 +185,32 @@ class StageTask:
     seed: shuffling, windows and mixture sampling.
     melody_conditioning: the semantic and coarse prefixes also hold the
       clip's melody tokens (the cache must have them); the fine stage ignores it.
+    first_frame_weight: the loss weight, in training windows, of the targets
+      of the window's first semantic frame (`Stage.lengths(1)`), which only
+      the prefix predicts (later targets lean on the ones before them); above
+      1 the stage learns sooner to read its conditioning (README, "Melody
+      conditioning"). Evaluation splits weigh every target 1.
   """
 
   def __init__(self, stage: str = gin.REQUIRED, cache_dir: str = gin.REQUIRED,
                corpora: Mapping[str, float] = gin.REQUIRED,
                windows: Optional[stages.StageWindows] = None,
                conditioning_dropout: float = 0.0, seed: int = 0,
-               melody_conditioning: bool = False, melody_dropout: float = 0.0):
+               melody_conditioning: bool = False, melody_dropout: float = 0.0,
+               first_frame_weight: float = 1.0):
     for name, value in (("conditioning_dropout", conditioning_dropout),
                         ("melody_dropout", melody_dropout)):
       if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1); got {value}")
+    if not first_frame_weight > 0.0:
+      raise ValueError(f"first_frame_weight must be positive; got {first_frame_weight}")
     self.name, self.stage = register_stage(cache_dir, dict(corpora), stage,
                                            windows or stages.StageWindows(),
                                            conditioning_dropout,
                                            melody_conditioning and stage != "fine",
                                            melody_dropout)
     self.seed = seed
+    self.first_frame_weight = first_frame_weight
 
   @property
   def layout(self) -> vocab.TokenLayout:
@@ -237,14 +246,18 @@ class StageTask:
         seed=self.seed, num_epochs=None,
         shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))
     ds = seqio.PrefixLMFeatureConverter(pack=False)(ds, self.feature_lengths)
+    first_frame_weight = self.first_frame_weight if split == "train" else 1.0
+    first_frame_targets = self.stage.lengths(1)[1]
 
     def types(ex):
       # The converter weights every non-pad target token outside `inputs`, taking
       # PAD_ID (0) for padding: a prefix whose conditioning dropout padded it would
       # be weighted as targets. Only positions from the first target on count.
       first_target = tf.reduce_sum(tf.cast(ex["decoder_causal_attention"], tf.int32)) - 1
-      is_target = tf.range(tf.size(ex["decoder_loss_weights"])) >= first_target
-      weights = tf.cast(ex["decoder_loss_weights"], tf.float32) * tf.cast(is_target, tf.float32)
+      target_index = tf.range(tf.size(ex["decoder_loss_weights"])) - first_target
+      weights = tf.cast(ex["decoder_loss_weights"], tf.float32) * tf.cast(
+          target_index >= 0, tf.float32)
+      weights *= tf.where(target_index < first_frame_targets, first_frame_weight, 1.0)
       return {"decoder_input_tokens": ex["decoder_input_tokens"],
               "decoder_target_tokens": ex["decoder_target_tokens"],
               "decoder_loss_weights": weights,
