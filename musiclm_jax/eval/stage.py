@@ -160,7 +160,7 @@ def evaluate_stage(model: Any, params: Any, stage: stages.Stage,
   the prefix decides most, while later targets lean on the ones before them.
 
   Args:
-    model: a `DecoderOnlyModel` (its `token_losses`).
+    model: a `DecoderOnlyModel` (its `logits`).
     params: the stage's trained parameters.
     stage: the stage's window and token layout.
     prefixes, targets: the windows' prefix `[P_i]` and target `[T_i]` ids (at
@@ -170,8 +170,8 @@ def evaluate_stage(model: Any, params: Any, stage: stages.Stage,
     `windows`, `target_tokens`, `first_frame_targets` (per window) and
     `variants`: name -> `loss`, `accuracy`, `first_frame_loss` (per target
     token, over its legal ids) and `outside_legal` (the mean probability of
-    the other ids); except for `own`, `increase` and `first_frame_increase` (nats per
-    token over `own`) with their standard errors over windows
+    the other ids); except for `own`, `increase` and `first_frame_increase`
+    (nats per token over `own`) with their standard errors over windows
     (`*_stderr`); for `other_*`, `unchanged`.
   """
   if len(prefixes) != len(targets) or len(prefixes) < 2:
