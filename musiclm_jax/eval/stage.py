@@ -111,13 +111,14 @@ def _window_sums_fn(model: Any, first_targets: int):
     logits = model.logits(params, batch)
     ids = jnp.arange(logits.shape[-1])
     legal = (ids >= batch["legal_lo"][..., None]) & (ids < batch["legal_hi"][..., None])
-    log_probs = jax.nn.log_softmax(jnp.where(legal, logits, -jnp.inf))
+    legal_logits = jnp.where(legal, logits, -jnp.inf)
+    legal_log_z = jax.nn.logsumexp(legal_logits, axis=-1)
     targets = batch["decoder_target_tokens"]
-    loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(log_probs, axis=-1) == targets).astype(jnp.float32)
-    outside = 1.0 - jnp.sum(jax.nn.softmax(logits) * legal, axis=-1)
+    loss = legal_log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(legal_logits, axis=-1) == targets).astype(jnp.float32)
+    outside = 1.0 - jnp.exp(legal_log_z - jax.nn.logsumexp(logits, axis=-1))
     weights = batch["decoder_loss_weights"]
-    loss = jnp.where(weights > 0, loss, 0.0)  # prefix and padding positions: -inf or nan
+    loss = jnp.where(weights > 0, loss, 0.0)  # batch filler rows: no legal id, -inf
     first = weights * (jnp.cumsum(weights, axis=1) <= first_targets)
     return jnp.stack([jnp.sum(loss * weights, 1), jnp.sum(correct * weights, 1),
                       jnp.sum(weights, 1), jnp.sum(loss * first, 1), jnp.sum(first, 1),
