@@ -18,7 +18,7 @@
 #   bash benchmarks/gpu_checks.sh --fetch_wheels        # here, once (needs PyPI)
 #   bash benchmarks/gpu_checks.sh OUT_DIR               # on the GPU machine
 #   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/checks   # the same steps at tiny sizes:
-#                                                       # 2.5 min on 2 CPU cores
+#                                                       # 2 min on 2 CPU cores
 # Not here: the whole hierarchy (hierarchy_speed.py needs trained tokenizer
 # runs) and the token cache job (needs TensorFlow and Beam).
 set -uo pipefail
@@ -48,9 +48,9 @@ export PYTHONUNBUFFERED=1
 if [[ -n "${QUICK:-}" ]]; then  # the same steps, tiny and short: checks the script
   SAMPLE=(--sizes tiny --batches 1,2 --max_targets 4 --repeats 1)
   TRAIN=(--sizes tiny --batch_size 2 --length 64 --steps 2 --warmup 0)
-  CODEC=(--sizes tiny --seconds 1 --batch_size 1 --repeats 1)
+  CODEC=(--sizes tiny --seconds 1 --batch_size 1 --repeats 1 --threads 1)
   SEMANTIC=(--sizes tiny --batch_size 1 --seconds 1 --repeats 1)
-  MULAN=(--sizes tiny --batch_size 2 --repeats 1)
+  MULAN=(--sizes tiny --batch_size 2 --repeats 1 --threads 1)
 else
   SAMPLE=(--sizes base --batches 1,64 --max_targets 64 --repeats 3)
   TRAIN=(--sizes tiny,small,base --batch_size 16 --length 2048 --remat_policy none)
