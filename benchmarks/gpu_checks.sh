@@ -23,7 +23,7 @@
 # runs) and the token cache job (needs TensorFlow and Beam).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=.whl
+WHEELS=${WHEELS:-.whl}  # where the carried wheels are (relative to the repository)
 
 if [[ "${1:-}" == "--fetch_wheels" ]]; then
   gin_version=$(sed -n 's/^gin-config==//p' constraints.txt)

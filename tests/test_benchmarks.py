@@ -64,3 +64,25 @@ def test_semantic_speed_reads_gin_files_with_includes_without_tensorflow():
   assert (rows["tiny"]["mlm_layer"], rows["cpu"]["mlm_layer"]) == (1, 2)
   for row in rows.values():
     assert row["audio_s_per_sec"] == pytest.approx(1.0 / (row["batch_ms"] / 1000))
+
+
+def test_gpu_checks_stops_before_measuring_when_gin_is_missing(tmp_path):
+  """benchmarks/gpu_checks.sh where gin is not installed (the GPU image) and no
+  gin-config wheel was carried: a clear error, nothing measured; no OUT_DIR: usage."""
+  (tmp_path / "no_gin").mkdir()
+  (tmp_path / "no_gin" / "gin.py").write_text("raise ImportError('gin is hidden')\n")
+  python = tmp_path / "bin" / "python3"
+  python.parent.mkdir()
+  python.write_text(f'#!/bin/bash\nexport PYTHONPATH="{tmp_path / "no_gin"}"\n'
+                    f'exec {sys.executable} "$@"\n')
+  python.chmod(0o755)
+  env = dict(os.environ, PATH=f"{python.parent}:{os.environ['PATH']}",
+             WHEELS=str(tmp_path / "wheels"))
+  result = subprocess.run(["bash", "benchmarks/gpu_checks.sh", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert "gin is not installed" in result.stderr and "--fetch_wheels" in result.stderr
+  assert os.listdir(tmp_path / "out") == []
+  usage = subprocess.run(["bash", "benchmarks/gpu_checks.sh"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+  assert usage.returncode != 0 and "usage: gpu_checks.sh OUT_DIR" in usage.stderr
