@@ -22,15 +22,17 @@
 # Not here: the whole hierarchy (hierarchy_speed.py needs trained tokenizer
 # runs) and the token cache job (needs TensorFlow and Beam).
 set -uo pipefail
+ARG=${1:-}
+[[ -n "$ARG" && "$ARG" != --fetch_wheels ]] && ARG=$(realpath -m -- "$ARG")  # before the cd
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}  # where the carried wheels are (relative to the repository)
 
-if [[ "${1:-}" == "--fetch_wheels" ]]; then
+if [[ "$ARG" == --fetch_wheels ]]; then
   gin_version=$(sed -n 's/^gin-config==//p' constraints.txt)
   exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation py -d "$WHEELS" "gin-config==${gin_version}"
 fi
-OUT_DIR=${1:?usage: gpu_checks.sh OUT_DIR | --fetch_wheels}
+OUT_DIR=${ARG:?usage: gpu_checks.sh OUT_DIR | --fetch_wheels}
 mkdir -p "$OUT_DIR"
 
 if ! python3 -c "import gin" 2>/dev/null; then
