@@ -86,5 +86,5 @@ run_step train_throughput "${TRAIN[@]}"
 run_step codec_speed "${CODEC[@]}"
 run_step semantic_speed "${SEMANTIC[@]}"
 run_step mulan_speed "${MULAN[@]}"
-echo "gpu_checks: $failed of 5 steps failed or ran out of time; rows in $OUT_DIR" | tee -a "$LOG"
+echo "gpu_checks: $failed of ${#STEP_LIMITS[@]} steps failed or ran out of time; rows in $OUT_DIR" | tee -a "$LOG"
 exit $((failed > 0))
