@@ -472,7 +472,7 @@ GIN_MODULES = {
     "prepare": ("musiclm_jax.corpora.registry",),
     "codec": (),
     # eval stage re-parses a stage run's own gin config (its task and model)
-    "eval": ("musiclm_jax.sampling.hierarchy", "musiclm_jax.tasks.stage_tasks") + _TRAIN_MODULES,
+    "eval": ("musiclm_jax.sampling.hierarchy", "musiclm_jax.stage_task") + _TRAIN_MODULES,
     "mulan": ("musiclm_jax.tokenizers.mulan_tokens",),
     "semantic": ("musiclm_jax.tokenizers.semantic_cli",),
     "tokenize": ("musiclm_jax.tasks.token_tasks",),

@@ -22,8 +22,9 @@ indices past the clip's last melody window hold the last one. They follow
 M in the prefix, window-major and level-minor. Stages without the switch keep
 the layout above without T_mel.
 
-Everything here is numpy (no TensorFlow): the SeqIO stage tasks call it
-through `tf.numpy_function`, and the sampler uses the same layouts and
+Everything here is numpy (no TensorFlow): both stage readers
+(`stage_task.StageTask`, SeqIO's through `tf.numpy_function`) cut windows and
+make decoder features with it, and the sampler uses the same layouts and
 legal ranges. Ids come from a `vocab.TokenLayout`, never from literals.
 """
 from __future__ import annotations
@@ -291,6 +292,41 @@ class Stage:
   def check_targets(self, targets: np.ndarray) -> None:
     lo, hi = self.target_ranges(len(targets))
     self.layout.check_tokens(targets, lo, hi, f"{self.name} targets")
+
+  def decoder_features(self, prefix: np.ndarray, targets: np.ndarray,
+                       first_frame_weight: float = 1.0) -> dict[str, np.ndarray]:
+    """The decoder-only prefix-LM features of one window, `[length]` each with
+    `length = sum(self.lengths())` (T5X's unpacked layout, as SeqIO's
+    `PrefixLMFeatureConverter` makes it):
+
+      decoder_target_tokens     int32  prefix, targets, then PAD
+      decoder_input_tokens      int32  the same shifted right by one (PAD first)
+      decoder_loss_weights      float32  1 on the targets (`first_frame_weight` on
+                                those of the first semantic frame, `lengths(1)`),
+                                0 on the prefix and the padding
+      decoder_causal_attention  bool   the prefix and the first target position:
+                                the inputs that attend to the whole prefix
+
+    The weights come from the window's own lengths, not from which ids are
+    PAD, so a prefix padded by conditioning dropout is never a target.
+    """
+    length = sum(self.lengths())
+    num_prefix, num_targets = len(prefix), len(targets)
+    if num_prefix + num_targets > length:
+      raise ValueError(f"a {self.name} window of {num_prefix} + {num_targets} ids does not fit "
+                       f"the stage's {length}")
+    tokens = np.full(length, vocab.PAD_ID, np.int32)
+    tokens[:num_prefix] = prefix
+    tokens[num_prefix:num_prefix + num_targets] = targets
+    inputs = np.concatenate([[vocab.PAD_ID], tokens[:-1]]).astype(np.int32)
+    weights = np.zeros(length, np.float32)
+    weights[num_prefix:num_prefix + num_targets] = 1.0
+    first = min(self.lengths(1)[1], num_targets)
+    weights[num_prefix:num_prefix + first] = first_frame_weight
+    causal = np.zeros(length, bool)
+    causal[:num_prefix + 1] = True
+    return {"decoder_input_tokens": inputs, "decoder_target_tokens": tokens,
+            "decoder_loss_weights": weights, "decoder_causal_attention": causal}
 
   # -- windows -------------------------------------------------------------------
   def check_clip(self, clip: ClipTokens) -> None:

@@ -30,7 +30,8 @@ from musiclm_jax.sampling import hierarchy
 from musiclm_jax.sampling import infer as infer_lib
 from musiclm_jax.corpora import melody_pairs
 from musiclm_jax.tasks import corpora
-from musiclm_jax.tasks import stage_tasks
+from musiclm_jax import stage_task
+from musiclm_jax import token_cache
 from musiclm_jax.tasks import token_tasks
 from musiclm_jax.tokenizers import frozen
 from musiclm_jax.tokenizers import melody as melody_lib
@@ -269,7 +270,7 @@ def cache(tiny_gm_corpus, tokenizer_dirs, tmp_path_factory):
 
 
 def read_split(cache_dir, split, layout):
-  task_dir = token_tasks.task_cache_dir(cache_dir, "gm")
+  task_dir = token_cache.task_cache_dir(cache_dir, "gm")
   return list(token_tasks.read_cached(task_dir, split, layout.acoustic_levels,
                                       layout.melody_levels).as_numpy_iterator())
 
@@ -295,13 +296,14 @@ def test_cache_holds_each_clips_melody_tokens(cache, tiny_gm_corpus, tokenizer_d
     np.testing.assert_array_equal(record["mulan"], direct.mulan[0])
 
 
+@pytest.mark.parametrize("reader", stage_task.READERS)
 @pytest.mark.parametrize("name", ["semantic", "coarse"])
-def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name):
+def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name, reader):
   cache_dir, _ = cache
-  task = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
-                               windows=WINDOWS, melody_conditioning=True)
-  plain = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
-                                windows=WINDOWS)
+  task = stage_task.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                              windows=WINDOWS, melody_conditioning=True, reader=reader)
+  plain = stage_task.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                               windows=WINDOWS)
   stage = task.stage
   assert stage.melody_conditioning and stage.melody_windows == {"semantic": 2, "coarse": 1}[name]
   assert task.length == plain.length + stage.melody_windows * tiny_tokenizers.MELODY_LEVELS
@@ -329,9 +331,9 @@ def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name
       seen.add((prefix.tobytes(), targets.tobytes()))
   assert seen <= expected and len(seen) >= len(expected) - 4
   # Training windows: the gin-set melody dropout reaches the examples.
-  dropping = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
-                                   windows=WINDOWS, melody_conditioning=True,
-                                   melody_dropout=0.5)
+  dropping = stage_task.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                                  windows=WINDOWS, melody_conditioning=True,
+                                  melody_dropout=0.5, reader=reader)
   batch = next(dropping.iterator("train", 32))
   melody = batch["decoder_target_tokens"][:, 12:stage.conditioning_length]
   padded = np.all(melody == vocab.PAD_ID, axis=1)
@@ -344,9 +346,9 @@ def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name
   np.testing.assert_array_equal(weights[:, prefix_len:prefix_len + num_targets], 1.0)
   # The gin-set first-frame weight: the targets of the first semantic frame of a
   # training window; evaluation windows weigh every target 1.
-  weighted = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
-                                   windows=WINDOWS, melody_conditioning=True,
-                                   first_frame_weight=4.0)
+  weighted = stage_task.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                                  windows=WINDOWS, melody_conditioning=True,
+                                  first_frame_weight=4.0, reader=reader)
   first = stage.lengths(1)[1]
   assert first == {"semantic": 1, "coarse": 2 * 4}[name]  # coarse: two acoustic frames
   weights = next(weighted.iterator("train", 8))["decoder_loss_weights"]
@@ -356,15 +358,15 @@ def test_melody_conditioned_stage_examples_hold_the_clips_own_melody(cache, name
   weights = next(weighted.iterator("validation", 4))["decoder_loss_weights"]
   np.testing.assert_array_equal(weights[:, prefix_len:prefix_len + num_targets], 1.0)
   with pytest.raises(ValueError, match="first_frame_weight must be positive"):
-    stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
-                          windows=WINDOWS, first_frame_weight=0.0)
+    stage_task.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                         windows=WINDOWS, first_frame_weight=0.0)
   with pytest.raises(ValueError, match="melody_dropout must be in"):
-    stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
-                          windows=WINDOWS, melody_conditioning=True, melody_dropout=1.0)
+    stage_task.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                         windows=WINDOWS, melody_conditioning=True, melody_dropout=1.0)
   with pytest.raises(ValueError, match="no melody tokens|has none"):
-    stage_tasks.stage_from_manifest({"layout": vocab.LAYOUT.to_dict(), "semantic_rate": 25,
-                                     "acoustic_rate": 50, "corpus": "x"}, name, WINDOWS,
-                                    melody_conditioning=True)
+    stage_task.stage_from_manifest({"layout": vocab.LAYOUT.to_dict(), "semantic_rate": 25,
+                                    "acoustic_rate": 50, "corpus": "x"}, name, WINDOWS,
+                                   melody_conditioning=True)
 
 
 @pytest.fixture(scope="module")
@@ -532,8 +534,8 @@ def test_cli_eval_stage_reports_what_a_checkpoint_uses_of_its_prefix(bundle_dir,
                                       "other_melody", "other_semantic"]
   assert (report["step"], report["split"], report["windows"]) == (0, "validation", 20)
   # The same windows and numbers as an evaluation in this process.
-  task = stage_tasks.StageTask(stage="coarse", cache_dir=cache[0], corpora={"gm": 1.0},
-                               windows=WINDOWS, melody_conditioning=True)
+  task = stage_task.StageTask(stage="coarse", cache_dir=cache[0], corpora={"gm": 1.0},
+                              windows=WINDOWS, melody_conditioning=True)
   prefixes, targets = task.eval_windows("validation", 0)
   variables, manifest = checkpoints.load_trained_variables(runs["coarse"])
   model = DecoderOnlyModel(DecoderConfig(**manifest["model_config"]))

@@ -5,6 +5,8 @@ import collections
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 
 import jax
@@ -12,9 +14,10 @@ import numpy as np
 import pytest
 import seqio
 import soundfile
+import tensorflow as tf
 
-from musiclm_jax import main as cli
 from musiclm_jax import stages
+from musiclm_jax import vocab
 from musiclm_jax.corpora import audio_folder
 from musiclm_jax.eval import generation as generation_eval
 from musiclm_jax.sampling import bundle
@@ -22,10 +25,12 @@ from musiclm_jax.sampling import hierarchy
 from musiclm_jax.sampling import infer as infer_lib
 from musiclm_jax.corpora import base
 from musiclm_jax.tasks import corpora
-from musiclm_jax.tasks import stage_tasks
+from musiclm_jax import stage_task
+from musiclm_jax import token_cache
 from musiclm_jax.tasks import token_tasks
 from musiclm_jax.tokenizers import frozen
 from musiclm_jax.training import checkpoints
+from musiclm_jax.training import metrics
 from musiclm_jax.training import trainer
 from musiclm_jax.models import DecoderOnlyModel
 from musiclm_jax.partitioning import Partitioner
@@ -37,6 +42,7 @@ from conftest import tiny_config
 TWO_WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
                "--direct_num_workers=2", "--default_sdk_harness_log_level=WARNING"]
 IN_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOWS = stages.StageWindows(semantic_seconds=1.0, coarse_seconds=0.4, fine_seconds=0.2)
 MIN_SECONDS = 1.5  # the folder's 1.4 s clip is skipped as too short
 
@@ -73,7 +79,7 @@ def cache(tiny_gm_corpus, folder_corpus, tokenizer_dirs, tmp_path_factory):
 
 
 def read_split(cache_dir, corpus, split, levels=12):
-  task_dir = token_tasks.task_cache_dir(cache_dir, corpus)
+  task_dir = token_cache.task_cache_dir(cache_dir, corpus)
   return list(token_tasks.read_cached(task_dir, split, levels).as_numpy_iterator())
 
 
@@ -85,7 +91,7 @@ def test_cache_job_writes_seqio_caches_and_counts_skipped_clips(cache, tiny_gm_c
                                                                 folder_corpus):
   cache_dir, manifests = cache
   for corpus, corpus_dir in (("gm", tiny_gm_corpus), ("tones", folder_corpus)):
-    task_dir = token_tasks.task_cache_dir(cache_dir, corpus)
+    task_dir = token_cache.task_cache_dir(cache_dir, corpus)
     names = set(os.listdir(task_dir))
     assert {"COMPLETED", "tokens_manifest.json", "info.train.json", "stats.train.json"} <= names
     built = corpora.read_report(corpus_dir)["clips"]
@@ -155,13 +161,13 @@ def test_interrupted_job_reruns_without_duplicates_or_losses(cache, tiny_gm_corp
   rerun_dir = str(tmp_path / "tokens")
   shutil.copytree(cache_dir, rerun_dir)
   # What a killed job leaves: no COMPLETED, a half-written shard, Beam's temp files.
-  gm_dir = token_tasks.task_cache_dir(rerun_dir, "gm")
+  gm_dir = token_cache.task_cache_dir(rerun_dir, "gm")
   os.remove(os.path.join(gm_dir, "COMPLETED"))
   shard = sorted(n for n in os.listdir(gm_dir) if n.startswith("train.tfrecord"))[0]
   with open(os.path.join(gm_dir, shard), "r+b") as f:
     f.truncate(100)
   os.makedirs(os.path.join(gm_dir, "beam-temp-train.tfrecord-0123"))
-  tones_dir = token_tasks.task_cache_dir(rerun_dir, "tones")
+  tones_dir = token_cache.task_cache_dir(rerun_dir, "tones")
   tones_mtime = os.path.getmtime(os.path.join(tones_dir, "COMPLETED"))
 
   token_tasks.run_cache_job(specs(tiny_gm_corpus, folder_corpus, tokenizer_dirs), rerun_dir,
@@ -197,8 +203,8 @@ def unpack(stage, row):
 @pytest.mark.parametrize("name", stages.STAGE_NAMES)
 def test_stage_examples_decode_to_aligned_windows_of_the_cached_tokens(cache, name):
   cache_dir, _ = cache
-  task = stage_tasks.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
-                               windows=WINDOWS)
+  task = stage_task.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                              windows=WINDOWS)
   stage = task.stage
   assert task.length == sum(stage.lengths())
   clips = read_split(cache_dir, "gm", "validation")
@@ -236,10 +242,111 @@ def test_stage_examples_decode_to_aligned_windows_of_the_cached_tokens(cache, na
                  for s in starts)
 
 
-def test_stage_reading_is_deterministic_resumable_and_host_sharded(cache, monkeypatch):
+@pytest.mark.parametrize("name", stages.STAGE_NAMES)
+def test_numpy_reader_reads_what_seqio_reads(cache, name):
   cache_dir, _ = cache
-  task = stage_tasks.StageTask(stage="semantic", cache_dir=cache_dir, corpora={"gm": 1.0},
-                               windows=WINDOWS, seed=3)
+  tasks = [stage_task.StageTask(stage=name, cache_dir=cache_dir, corpora={"gm": 1.0},
+                                windows=WINDOWS, reader=reader) for reader in stage_task.READERS]
+  assert tasks[0].describe() == tasks[1].describe()
+  # Evaluation batches: the same windows in the same order, the same features.
+  seqio_rows, numpy_rows = (stage_rows(task, "validation", num_batches=6) for task in tasks)
+  for a, b in zip(seqio_rows, numpy_rows):
+    assert a.keys() == b.keys()
+    for feature in a:
+      assert a[feature].dtype == b[feature].dtype
+      np.testing.assert_array_equal(a[feature], b[feature], err_msg=feature)
+  for split, max_windows in (("test", 0), ("validation", 3)):
+    windows = [task.eval_windows(split, max_windows) for task in tasks]
+    assert len(windows[0][0]) == len(windows[1][0]) > 0
+    for a, b in zip(sum(windows[0], []), sum(windows[1], [])):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="has no split 'dev'"):
+    tasks[1].eval_windows("dev", 1)
+
+
+def test_token_cache_records_equal_tensorflows_and_bad_files_are_named(cache, tmp_path):
+  cache_dir, _ = cache
+  for corpus in ("gm", "tones"):  # tones has a skipped clip
+    task_dir = token_cache.task_cache_dir(cache_dir, corpus)
+    for split in token_cache.cached_splits(task_dir):
+      cached = token_cache.CachedSplit(task_dir, split, acoustic_levels=12)
+      ours = sorted((cached.read(ref) for ref in cached.records), key=lambda r: r["clip_id"])
+      theirs = sorted((r for r in read_split(cache_dir, corpus, split) if not r["skip_reason"]),
+                      key=lambda r: r["clip_id"])
+      assert len(ours) == len(theirs) > 0
+      for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for key in b:
+          np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+          assert np.asarray(a[key]).dtype == np.asarray(b[key]).dtype
+  broken = str(tmp_path / "tokens")
+  shutil.copytree(cache_dir, broken)
+  gm_dir = token_cache.task_cache_dir(broken, "gm")
+  shards = token_cache.shard_paths(gm_dir, "train")
+  with open(shards[0], "r+b") as f:  # a flipped bit in the first record's data
+    f.seek(40)
+    byte = f.read(1)
+    f.seek(40)
+    f.write(bytes([byte[0] ^ 1]))
+  with pytest.raises(token_cache.CorruptCacheError, match="record at byte 0 fails its checksum"):
+    token_cache.CachedSplit(gm_dir, "train", 12)
+  with open(shards[1], "r+b") as f:  # a shard cut short
+    f.truncate(os.path.getsize(shards[1]) - 7)
+  with pytest.raises(token_cache.CorruptCacheError, match="truncated in the record at byte"):
+    token_cache.record_spans(shards[1])
+  os.remove(shards[2])
+  task = stage_task.StageTask(stage="fine", cache_dir=broken, corpora={"gm": 1.0},
+                              windows=WINDOWS, reader="numpy")
+  with pytest.raises(FileNotFoundError, match="lacks 1 of the 3 shards of 'train'"):
+    next(task.iterator("train", 4))
+
+
+def test_interleave_order_is_tf_datas():
+  """SeqIO reads unshuffled files through tf.data's interleave; the numpy
+  reader's order must be the same for any file sizes."""
+  rng = np.random.default_rng(0)
+  for _ in range(6):
+    sizes = rng.integers(0, 40, size=rng.integers(1, 24))
+    cycle, block = (int(v) for v in rng.integers(1, 18, size=2))
+    files = tf.data.Dataset.from_tensor_slices(sizes.astype(np.int64))
+    ds = tf.data.Dataset.zip(files, tf.data.Dataset.range(len(sizes))).interleave(
+        lambda size, index: tf.data.Dataset.range(size).map(lambda i: (index, i)),
+        cycle_length=cycle, block_length=block, num_parallel_calls=tf.data.AUTOTUNE)
+    expected = [(int(f), int(i)) for f, i in ds.as_numpy_iterator()]
+    sources = [[(f, i) for i in range(size)] for f, size in enumerate(sizes)]
+    assert token_cache.interleave(sources, cycle, block) == expected
+
+
+def test_decoder_features_are_seqios_prefix_lm_features_without_weighting_a_padded_prefix():
+  stage = stages.Stage("coarse", window_seconds=0.4, layout=vocab.LAYOUT)
+  prefix_len, target_len = stage.lengths()
+  rng = np.random.default_rng(1)
+  prefix = rng.integers(1, 100, prefix_len - 3).astype(np.int32)  # a short last window
+  targets = rng.integers(1, 100, target_len - 8).astype(np.int32)
+  ds = tf.data.Dataset.from_tensors({"inputs": prefix, "targets": targets})
+  lengths = {"inputs": prefix_len, "targets": target_len}
+  (expected,) = seqio.PrefixLMFeatureConverter(pack=False)(ds, lengths).as_numpy_iterator()
+  made = stage.decoder_features(prefix, targets)
+  assert made.keys() == expected.keys()
+  for name, value in expected.items():
+    np.testing.assert_array_equal(made[name], value, err_msg=name)
+  dropped = stage.unconditional(prefix)  # conditioning dropout pads M
+  weights = stage.decoder_features(dropped, targets, first_frame_weight=3.0)[
+      "decoder_loss_weights"]
+  first = stage.lengths(1)[1]
+  np.testing.assert_array_equal(weights[:len(prefix)], 0.0)
+  np.testing.assert_array_equal(weights[len(prefix):len(prefix) + first], 3.0)
+  np.testing.assert_array_equal(weights[len(prefix) + first:len(prefix) + len(targets)], 1.0)
+  np.testing.assert_array_equal(weights[len(prefix) + len(targets):], 0.0)
+  with pytest.raises(ValueError, match="does not fit"):
+    stage.decoder_features(prefix, np.concatenate([targets, targets]))
+
+
+@pytest.mark.parametrize("reader", stage_task.READERS)
+def test_stage_reading_is_deterministic_resumable_and_host_sharded(cache, monkeypatch, reader):
+  cache_dir, _ = cache
+  task = stage_task.StageTask(stage="semantic", cache_dir=cache_dir, corpora={"gm": 1.0},
+                              windows=WINDOWS, seed=3, reader=reader)
   first = stage_rows(task, "train", num_batches=5)
   again = stage_rows(task, "train", num_batches=5)
   resumed = task.iterator("train", 4)
@@ -250,8 +357,8 @@ def test_stage_reading_is_deterministic_resumable_and_host_sharded(cache, monkey
     np.testing.assert_array_equal(next(resumed)["decoder_target_tokens"],
                                   expected["decoder_target_tokens"])
   assert resumed.get_state() == {"batches_read": 5}
-  other_seed = stage_tasks.StageTask(stage="semantic", cache_dir=cache_dir, corpora={"gm": 1.0},
-                                     windows=WINDOWS, seed=4)
+  other_seed = stage_task.StageTask(stage="semantic", cache_dir=cache_dir, corpora={"gm": 1.0},
+                                    windows=WINDOWS, seed=4, reader=reader)
   assert not np.array_equal(stage_rows(other_seed, "train", 1)[0]["decoder_target_tokens"],
                             first[0]["decoder_target_tokens"])
 
@@ -267,10 +374,11 @@ def test_stage_reading_is_deterministic_resumable_and_host_sharded(cache, monkey
   assert hosts[0] | hosts[1] == everything
 
 
-def test_mixture_samples_corpora_at_their_rates(cache):
+@pytest.mark.parametrize("reader", stage_task.READERS)
+def test_mixture_samples_corpora_at_their_rates(cache, reader):
   cache_dir, _ = cache
-  task = stage_tasks.StageTask(stage="semantic", cache_dir=cache_dir,
-                               corpora={"gm": 3.0, "tones": 1.0}, windows=WINDOWS)
+  task = stage_task.StageTask(stage="semantic", cache_dir=cache_dir,
+                              corpora={"gm": 3.0, "tones": 1.0}, windows=WINDOWS, reader=reader)
   assert task.name == "gm__tones_semantic"
   owner = {}
   for corpus in ("gm", "tones"):
@@ -290,18 +398,29 @@ def test_mixture_samples_corpora_at_their_rates(cache):
   assert 0.6 < share < 0.9, counts
 
 
-def test_stage_gin_files_train_on_the_cache_and_checkpoint_the_position(cache, tmp_path):
+def test_stage_gin_files_train_without_tensorflow_and_checkpoint_the_position(cache, tmp_path):
+  """`musiclm train` on the numpy reader, in a process where importing
+  TensorFlow, SeqIO or TFDS fails (as on a GPU image that lacks them)."""
   cache_dir, manifests = cache
   model_dir = str(tmp_path / "coarse")
-  for module in cli.GIN_MODULES["train"]:
-    __import__(module)
-  cli.parse_gin(["gin/stages/tiny.gin", "gin/stages/coarse.gin"],
-                [f"MODEL_DIR = '{model_dir}'", f"TOKENS_DIR = '{cache_dir}'",
-                 "CORPORA = {'gm': 1.0}", "NUM_STEPS = 2", "train.log_every_steps = 1",
-                 "train.eval_every_steps = 2", "train.eval_batches = 1",
-                 "Partitioner.mesh_shape = (2, 2, 2)"])
-  result = trainer.train()  # pylint: disable=no-value-for-parameter
-  assert result.step == 2 and np.isfinite(result.metrics["eval_loss"])
+  blocked = tmp_path / "no_tensorflow"
+  for module in ("tensorflow", "seqio", "tensorflow_datasets"):
+    (blocked / module).mkdir(parents=True)
+    (blocked / module / "__init__.py").write_text(
+        f"raise ImportError('{module} is blocked in this test')\n")
+  env = xla_env.subprocess_env(8, PYTHONPATH=str(blocked))
+  bindings = [f"MODEL_DIR = '{model_dir}'", f"TOKENS_DIR = '{cache_dir}'",
+              "CORPORA = {'gm': 1.0}", "NUM_STEPS = 2", "train.log_every_steps = 1",
+              "train.eval_every_steps = 2", "train.eval_batches = 1",
+              "Partitioner.mesh_shape = (2, 2, 2)", "StageTask.reader = 'numpy'"]
+  result = subprocess.run(
+      [sys.executable, "-m", "musiclm_jax.main", "train", "--gin_file=gin/stages/tiny.gin",
+       "--gin_file=gin/stages/coarse.gin", *[f"--gin_bindings={b}" for b in bindings]],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "no TensorBoard summaries" in result.stderr  # clu's writer needs TensorFlow
+  curves = metrics.read_jsonl_metrics(model_dir)
+  assert np.isfinite([row["eval/loss"] for row in curves if "eval/loss" in row]).all()
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
   assert ckpt.latest_step() == 2
   assert ckpt.read_data_state(2) == {"batches_read": 2}
@@ -310,8 +429,8 @@ def test_stage_gin_files_train_on_the_cache_and_checkpoint_the_position(cache, t
 
 def test_too_small_a_vocabulary_is_refused(cache, tmp_path):
   cache_dir, _ = cache
-  task = stage_tasks.StageTask(stage="fine", cache_dir=cache_dir, corpora={"gm": 1.0},
-                               windows=WINDOWS)
+  task = stage_task.StageTask(stage="fine", cache_dir=cache_dir, corpora={"gm": 1.0},
+                              windows=WINDOWS)
   model = DecoderOnlyModel(tiny_config(vocab_size=128))
   with pytest.raises(ValueError, match="vocab_size 128 is smaller than the task's token space"):
     trainer.train(model_dir=str(tmp_path / "x"), task=task, model=model, num_steps=1,
@@ -320,7 +439,7 @@ def test_too_small_a_vocabulary_is_refused(cache, tmp_path):
 
 def test_missing_cache_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="run `musiclm tokenize` first"):
-    stage_tasks.StageTask(stage="fine", cache_dir=str(tmp_path), corpora={"gm": 1.0})
+    stage_task.StageTask(stage="fine", cache_dir=str(tmp_path), corpora={"gm": 1.0})
 
 
 @pytest.fixture(scope="module")

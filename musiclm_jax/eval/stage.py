@@ -33,7 +33,8 @@ stage puts on the other ids, which the sampler masks and the trainer's
 
 `evaluate_stage` is numpy and JAX (no TensorFlow); `evaluate_run`, what
 `musiclm eval stage` and the quickstart call, reads a run's windows from its
-token cache with `StageTask.eval_windows` (TensorFlow, imported there).
+token cache with `StageTask.eval_windows` (through SeqIO and TensorFlow, or
+without them with `--gin_bindings="StageTask.reader='numpy'"`).
 """
 from __future__ import annotations
 
@@ -233,8 +234,8 @@ def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
 
   The stage task is rebuilt from the gin config stored in the checkpoint, which
   replaces the process' gin config; `gin_files` and `gin_bindings` are parsed
-  after it (e.g. `TOKENS_DIR = '...'` for a cache that moved). Reads windows
-  with TensorFlow (`StageTask`).
+  after it (e.g. `TOKENS_DIR = '...'` for a cache that moved, or
+  `StageTask.reader = 'numpy'` on a host without TensorFlow).
 
   Args:
     model_dir: the stage's `MODEL_DIR`.
@@ -251,7 +252,7 @@ def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
   from musiclm_jax import main as cli
   from musiclm_jax.layers.transformer import DecoderConfig
   from musiclm_jax.models import DecoderOnlyModel
-  from musiclm_jax.tasks import stage_tasks
+  from musiclm_jax import stage_task
   from musiclm_jax.training import checkpoints
   # pylint: enable=g-import-not-at-top
   variables, manifest = checkpoints.load_trained_variables(model_dir, step)
@@ -265,7 +266,7 @@ def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
   except Exception as e:  # gin raises IOError, ValueError, SyntaxError, ...
     raise cli.GinConfigError(f"the gin config stored in {model_dir}: {e}") from e
   cli.parse_gin(gin_files, gin_bindings)
-  task = stage_tasks.StageTask()  # pylint: disable=no-value-for-parameter
+  task = stage_task.StageTask()  # pylint: disable=no-value-for-parameter
   if task.layout.to_dict() != manifest["token_layout"] or task.describe() != described:
     raise ValueError(f"the token cache read ({task.describe()}) is not what {model_dir} was "
                      f"trained on ({described}); point TOKENS_DIR at that cache")

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from musiclm_jax.tasks import corpora
-from musiclm_jax.tasks import resumable
+from musiclm_jax.training import resumable
 
 SHUFFLE_BUFFER = 1024
 
@@ -98,7 +98,8 @@ class AudioClipTask:
   def iterator(self, split: str, global_batch_size: int) -> resumable.BatchCountIterator:
     """This process' rows of each global batch, resumable by batch count."""
     local = resumable.local_batch_size(global_batch_size)
-    return resumable.BatchCountIterator(lambda: self.dataset(split, local), _decode_text)
+    return resumable.BatchCountIterator(
+        lambda skip: self.dataset(split, local).skip(skip).as_numpy_iterator(), _decode_text)
 
 
 def read_segments(corpus_dir: str, split: str, num_clips: int, seconds: float,

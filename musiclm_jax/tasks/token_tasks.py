@@ -49,19 +49,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from musiclm_jax import audio
+from musiclm_jax import token_cache
 from musiclm_jax import vocab
 from musiclm_jax.tasks import corpora
 from musiclm_jax.tokenizers import frozen
 
-MANIFEST_FILE = "tokens_manifest.json"
-MANIFEST_FORMAT = "musiclm_jax.tokens/1"
-TEXT_FEATURES = ("caption", "clip_id", "source_id", "split", "skip_reason")
 DEFAULT_PIPELINE_OPTIONS = ("--runner=DirectRunner", "--direct_running_mode=multi_processing",
                             "--direct_num_workers=0", "--default_sdk_harness_log_level=WARNING")
-
-
-def token_task_name(corpus: str) -> str:
-  return f"{corpus}_tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,21 +222,13 @@ def output_features(layout) -> dict[str, seqio.Feature]:
 
 def register_token_task(spec: TokenTaskSpec, layout_dict: Mapping[str, int]) -> seqio.Task:
   """(Re-)registers `<corpus>_tokens` for `spec`; idempotent."""
-  name = token_task_name(spec.corpus)
+  name = token_cache.token_task_name(spec.corpus)
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name, source=CorpusSource(spec.corpus_dir, spec.clips_per_shard),
       preprocessors=[TokenizeClips(spec), seqio.CacheDatasetPlaceholder(required=True)],
       output_features=output_features(vocab.TokenLayout.from_dict(dict(layout_dict))))
-
-
-def task_cache_dir(cache_dir: str, corpus: str) -> str:
-  return os.path.join(cache_dir, seqio.get_task_dir_from_name(token_task_name(corpus)))
-
-
-def is_complete(task_dir: str) -> bool:
-  return tf.io.gfile.exists(os.path.join(task_dir, "COMPLETED"))
 
 
 def run_cache_job(specs: Sequence[TokenTaskSpec], cache_dir: str,
@@ -270,8 +256,8 @@ def run_cache_job(specs: Sequence[TokenTaskSpec], cache_dir: str,
   tf.io.gfile.makedirs(cache_dir)
   todo = []
   for spec in specs:
-    task_dir = task_cache_dir(cache_dir, spec.corpus)
-    if is_complete(task_dir) and not overwrite:
+    task_dir = token_cache.task_cache_dir(cache_dir, spec.corpus)
+    if token_cache.is_complete(task_dir) and not overwrite:
       print(f"tokenize {spec.corpus}: cached already in {task_dir}; kept", flush=True)
       continue
     if tf.io.gfile.exists(task_dir):
@@ -289,12 +275,13 @@ def run_cache_job(specs: Sequence[TokenTaskSpec], cache_dir: str,
   seconds = time.time() - started
   manifests = {}
   for spec in specs:
-    task_dir = task_cache_dir(cache_dir, spec.corpus)
-    if spec in todo or not tf.io.gfile.exists(os.path.join(task_dir, MANIFEST_FILE)):
+    task_dir = token_cache.task_cache_dir(cache_dir, spec.corpus)
+    manifest_path = os.path.join(task_dir, token_cache.MANIFEST_FILE)
+    if spec in todo or not tf.io.gfile.exists(manifest_path):
       manifests[spec.corpus] = write_manifest(
           spec, described[spec.corpus], task_dir, seconds if spec in todo else None)
     else:
-      manifests[spec.corpus] = read_manifest(task_dir)
+      manifests[spec.corpus] = token_cache.read_manifest(task_dir)
   return manifests
 
 
@@ -303,7 +290,7 @@ def _add_task_to_pipeline(pipeline, beam, beam_utils, spec: TokenTaskSpec,
                           num_shards: int) -> None:
   """The steps of SeqIO's cache job for one task: examples, TFRecords, info, stats."""
   task = register_token_task(spec, layout_dict)
-  task_dir = task_cache_dir(cache_dir, spec.corpus)
+  task_dir = token_cache.task_cache_dir(cache_dir, spec.corpus)
   setup = functools.partial(register_token_task, spec, dict(layout_dict))
   written = []
   for split in task.splits:
@@ -334,7 +321,7 @@ def _add_task_to_pipeline(pipeline, beam, beam_utils, spec: TokenTaskSpec,
 def feature_description(acoustic_levels: int, melody_levels: int = 0) -> dict[str, Any]:
   """How to parse a cached record (tf.Example stores ints as int64); `melody`
   `[windows, melody_levels]` when `melody_levels` > 0."""
-  desc = {name: tf.io.FixedLenFeature([], tf.string) for name in TEXT_FEATURES}
+  desc = {name: tf.io.FixedLenFeature([], tf.string) for name in token_cache.TEXT_FEATURES}
   desc.update(
       semantic=tf.io.FixedLenSequenceFeature([], tf.int64, allow_missing=True),
       acoustic=tf.io.FixedLenSequenceFeature([acoustic_levels], tf.int64, allow_missing=True),
@@ -350,12 +337,6 @@ def cached_file_pattern(task_dir: str, split: str) -> str:
   with tf.io.gfile.GFile(seqio.get_cached_info_path(task_dir, split)) as f:
     num_shards = json.load(f)["num_shards"]
   return f"{seqio.get_cached_tfrecord_prefix(task_dir, split)}-*-of-{num_shards:05d}"
-
-
-def cached_splits(task_dir: str) -> list[str]:
-  """Splits with an info file (`info.<split>.json`, SeqIO's naming)."""
-  names = tf.io.gfile.glob(os.path.join(task_dir, "info.*.json"))
-  return sorted(os.path.basename(n)[len("info."):-len(".json")] for n in names)
 
 
 def read_cached(task_dir: str, split: str, acoustic_levels: int,
@@ -376,11 +357,11 @@ def read_cached(task_dir: str, split: str, acoustic_levels: int,
 def write_manifest(spec: TokenTaskSpec, described: Mapping[str, Any], task_dir: str,
                    job_seconds: Optional[float]) -> dict[str, Any]:
   """Counts what the cache holds per split and writes `tokens_manifest.json`."""
-  if not is_complete(task_dir):
+  if not token_cache.is_complete(task_dir):
     raise RuntimeError(f"the cache job did not complete {task_dir} (no COMPLETED file)")
   levels = described["layout"]["acoustic_levels"]
   splits = {}
-  for split in cached_splits(task_dir):
+  for split in token_cache.cached_splits(task_dir):
     skipped = collections.Counter()
     clips = frames = 0
     audio_seconds = 0.0
@@ -394,28 +375,17 @@ def write_manifest(spec: TokenTaskSpec, described: Mapping[str, Any], task_dir: 
       audio_seconds += len(ex["semantic"]) / described["semantic_rate"]
     splits[split] = {"clips": clips, "skipped": dict(sorted(skipped.items())),
                      "semantic_frames": frames, "audio_seconds": round(audio_seconds, 3)}
-  manifest = {"format": MANIFEST_FORMAT, "task": token_task_name(spec.corpus),
+  manifest = {"format": token_cache.MANIFEST_FORMAT,
+              "task": token_cache.token_task_name(spec.corpus),
               "corpus": spec.corpus, "corpus_dir": spec.corpus_dir,
               "tokenizer_dirs": dataclasses.asdict(spec.tokenizers),
               "min_seconds": spec.min_seconds, **described, "splits": splits}
   if job_seconds is not None:
     manifest["job_seconds"] = round(job_seconds, 2)
-  path = os.path.join(task_dir, MANIFEST_FILE)
+  path = os.path.join(task_dir, token_cache.MANIFEST_FILE)
   with tf.io.gfile.GFile(path + ".tmp", "w") as f:
     f.write(json.dumps(manifest, indent=1))
   tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-  return manifest
-
-
-def read_manifest(task_dir: str) -> dict[str, Any]:
-  path = os.path.join(task_dir, MANIFEST_FILE)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"no token cache at {task_dir} ({MANIFEST_FILE} missing); "
-                            "run `musiclm tokenize` first")
-  with tf.io.gfile.GFile(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != MANIFEST_FORMAT:
-    raise ValueError(f"{path} has format {manifest.get('format')!r}, not {MANIFEST_FORMAT}")
   return manifest
 
 

@@ -1,9 +1,11 @@
-"""Batches of a deterministic tf.data pipeline, resumable by counting them.
+"""Batches of a deterministic input pipeline, resumable by counting them.
 
 Every task's pipeline is a pure function of its seed and the process index,
 so the reading position is just the number of batches read: `set_state`
 rebuilds the pipeline and skips that many (re-reading them costs a moment
 per thousand batches). This is what the trainer saves in its checkpoints.
+No TensorFlow here: a tf.data pipeline comes in as
+`lambda skip: dataset.skip(skip).as_numpy_iterator()`.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 Batch = dict[str, np.ndarray]
 
@@ -25,22 +26,20 @@ def local_batch_size(global_batch_size: int) -> int:
 
 
 class BatchCountIterator(Iterator[Batch]):
-  """Iterates `make_dataset()`'s numpy batches; `get_state()` is the batches read.
+  """Iterates numpy batches; `get_state()` is the batches read.
 
   Args:
-    make_dataset: builds the (endless, deterministic) batched dataset.
+    batches_from: `batches_from(n)` iterates the (endless, deterministic)
+      batches from the n-th on.
     convert: applied to each numpy batch (e.g. bytes -> str); default none.
   """
 
-  def __init__(self, make_dataset: Callable[[], tf.data.Dataset],
+  def __init__(self, batches_from: Callable[[int], Iterator[Batch]],
                convert: Callable[[Batch], Batch] = lambda batch: batch):
-    self._make_dataset = make_dataset
+    self._batches_from = batches_from
     self._convert = convert
     self._batches_read = 0
-    self._iterator = self._skip_to(0)
-
-  def _skip_to(self, batches: int):
-    return self._make_dataset().skip(batches).as_numpy_iterator()
+    self._iterator = batches_from(0)
 
   def __next__(self) -> Batch:
     batch = next(self._iterator)
@@ -52,4 +51,4 @@ class BatchCountIterator(Iterator[Batch]):
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._batches_read = int(state["batches_read"])
-    self._iterator = self._skip_to(self._batches_read)
+    self._iterator = self._batches_from(self._batches_read)
