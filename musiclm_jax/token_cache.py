@@ -13,7 +13,8 @@ This module reads that layout with the standard library, protobuf and numpy:
 the TFRecord framing (each record's length and data checked against their
 CRC-32C) and the Example message (parsed by protobuf from a descriptor built
 here, in a pool of its own, so that it never clashes with TensorFlow's
-`tensorflow.Example` in a process that imports both). It serves the stage
+`tensorflow.Example` in a process that imports both; the packed int64 lists
+decoded by numpy). It serves the stage
 reader of hosts without TensorFlow (`stage_task.StageTask`, `reader='numpy'`)
 and anything else that only needs the paths, the manifest or the records.
 """
@@ -147,45 +148,67 @@ def record_spans(path: str, data: Optional[bytes] = None) -> list[tuple[int, int
 
 @functools.cache
 def _example_class():
-  """A message class wire-compatible with tf.train.Example (example.proto,
-  feature.proto: field numbers and types as there), in a private pool."""
+  """A message class wire-compatible with tf.train.Example (example.proto and
+  feature.proto: the same field numbers and wire types), in a private pool.
+
+  One difference: `Int64List.value` is declared `repeated bytes`, which reads
+  the packed encoding that TensorFlow writes (proto3 packs repeated ints) as
+  its raw varint bytes; `decode_varints` turns those into an array at numpy
+  speed, where protobuf's repeated int64 field costs a Python object per value.
+  """
   file = descriptor_pb2.FileDescriptorProto(name="musiclm_jax/example.proto",
                                             package="musiclm_jax.example", syntax="proto3")
   Field = descriptor_pb2.FieldDescriptorProto  # pylint: disable=invalid-name
-  repeated, optional = Field.LABEL_REPEATED, Field.LABEL_OPTIONAL
 
-  def message(name, *fields, nested=(), map_entry=False, oneof=None):
-    msg = file.message_type.add() if not map_entry else nested_parent.nested_type.add()
-    msg.name = name
-    if map_entry:
-      msg.options.map_entry = True
+  def add_message(container, name, *fields, oneof=None):
+    message = container.add(name=name)
     if oneof:
-      msg.oneof_decl.add(name=oneof)
-    for number, (field_name, label, kind, type_name) in enumerate(fields, start=1):
-      field = msg.field.add(name=field_name, number=number, label=label, type=kind)
+      message.oneof_decl.add(name=oneof)
+    for number, (field_name, kind, type_name) in enumerate(fields, start=1):
+      repeated = field_name in ("value", "feature")
+      field = message.field.add(
+          name=field_name, number=number, type=kind,
+          label=Field.LABEL_REPEATED if repeated else Field.LABEL_OPTIONAL)
       if type_name:
         field.type_name = f".musiclm_jax.example.{type_name}"
-      if kind in (Field.TYPE_FLOAT, Field.TYPE_INT64):
+      if kind == Field.TYPE_FLOAT:
         field.options.packed = True
       if oneof:
         field.oneof_index = 0
-    del nested
-    return msg
+    return message
 
-  message("BytesList", ("value", repeated, Field.TYPE_BYTES, None))
-  message("FloatList", ("value", repeated, Field.TYPE_FLOAT, None))
-  message("Int64List", ("value", repeated, Field.TYPE_INT64, None))
-  message("Feature", ("bytes_list", optional, Field.TYPE_MESSAGE, "BytesList"),
-          ("float_list", optional, Field.TYPE_MESSAGE, "FloatList"),
-          ("int64_list", optional, Field.TYPE_MESSAGE, "Int64List"), oneof="kind")
-  nested_parent = message("Features", ("feature", repeated, Field.TYPE_MESSAGE,
-                                       "Features.FeatureEntry"))
-  message("FeatureEntry", ("key", optional, Field.TYPE_STRING, None),
-          ("value", optional, Field.TYPE_MESSAGE, "Feature"), map_entry=True)
-  message("Example", ("features", optional, Field.TYPE_MESSAGE, "Features"))
+  add_message(file.message_type, "BytesList", ("value", Field.TYPE_BYTES, None))
+  add_message(file.message_type, "FloatList", ("value", Field.TYPE_FLOAT, None))
+  add_message(file.message_type, "Int64List", ("value", Field.TYPE_BYTES, None))
+  add_message(file.message_type, "Feature", ("bytes_list", Field.TYPE_MESSAGE, "BytesList"),
+              ("float_list", Field.TYPE_MESSAGE, "FloatList"),
+              ("int64_list", Field.TYPE_MESSAGE, "Int64List"), oneof="kind")
+  features = add_message(file.message_type, "Features",
+                         ("feature", Field.TYPE_MESSAGE, "Features.FeatureEntry"))
+  entry = add_message(features.nested_type, "FeatureEntry", ("key", Field.TYPE_STRING, None),
+                      ("value", Field.TYPE_MESSAGE, "Feature"))
+  entry.field[1].label = Field.LABEL_OPTIONAL
+  entry.options.map_entry = True
+  add_message(file.message_type, "Example", ("features", Field.TYPE_MESSAGE, "Features"))
   pool = descriptor_pool.DescriptorPool()
   pool.Add(file)
   return message_factory.GetMessageClass(pool.FindMessageTypeByName("musiclm_jax.example.Example"))
+
+
+def decode_varints(data: bytes) -> np.ndarray:
+  """The int64 values of concatenated base-128 varints (protobuf's packed
+  encoding; negatives as 10-byte two's complement), int64 `[values]`."""
+  raw = np.frombuffer(data, np.uint8)
+  if not len(raw):
+    return np.zeros(0, np.int64)
+  last = raw < 0x80  # the final byte of each value
+  if not last[-1]:
+    raise CorruptCacheError("a packed int64 list ends inside a value")
+  starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+  value_of_byte = np.cumsum(last) - last
+  shift = 7 * (np.arange(len(raw)) - starts[value_of_byte])
+  parts = (raw & 0x7F).astype(np.uint64) << shift.astype(np.uint64)
+  return np.add.reduceat(parts, starts).view(np.int64)
 
 
 def parse_clip(serialized: bytes, acoustic_levels: int, melody_levels: int = 0
@@ -210,9 +233,8 @@ def parse_clip(serialized: bytes, acoustic_levels: int, melody_levels: int = 0
   clip: dict[str, Any] = {}
   try:
     for name in CODE_FEATURES[:3 + bool(melody_levels)]:
-      values = np.asarray(features[name].int64_list.value, np.int64) if name in features else (
-          np.zeros(0, np.int64))
-      clip[name] = values.astype(np.int32)
+      packed = b"".join(features[name].int64_list.value) if name in features else b""
+      clip[name] = decode_varints(packed).astype(np.int32)
       if widths[name]:
         clip[name] = clip[name].reshape(-1, widths[name])
     for name in TEXT_FEATURES:

@@ -317,6 +317,21 @@ def test_interleave_order_is_tf_datas():
     assert token_cache.interleave(sources, cycle, block) == expected
 
 
+def test_packed_int64_lists_decode_like_tensorflows():
+  values = np.array([0, 1, 127, 128, 1023, 16384, 2**31 - 1, 2**40, -1, -5, -2**63, 2**63 - 1])
+  example = tf.train.Example(features=tf.train.Features(feature={
+      "codes": tf.train.Feature(int64_list=tf.train.Int64List(value=values)),
+      "empty": tf.train.Feature(int64_list=tf.train.Int64List(value=[]))}))
+  parsed = token_cache._example_class()()  # pylint: disable=protected-access
+  parsed.ParseFromString(example.SerializeToString())
+  features = parsed.features.feature
+  np.testing.assert_array_equal(
+      token_cache.decode_varints(b"".join(features["codes"].int64_list.value)), values)
+  assert token_cache.decode_varints(b"".join(features["empty"].int64_list.value)).shape == (0,)
+  with pytest.raises(token_cache.CorruptCacheError, match="ends inside a value"):
+    token_cache.decode_varints(bytes([0x05, 0x80]))
+
+
 def test_decoder_features_are_seqios_prefix_lm_features_without_weighting_a_padded_prefix():
   stage = stages.Stage("coarse", window_seconds=0.4, layout=vocab.LAYOUT)
   prefix_len, target_len = stage.lengths()
