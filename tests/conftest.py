@@ -51,6 +51,21 @@ def clean_gin():
   gin.clear_config()
 
 
+# What the lent GPU image lacks of the [data] extra (jax, flax, optax, orbax,
+# numpy, protobuf, etils, sentencepiece and scikit-learn are there).
+NOT_ON_GPU_IMAGE = ("tensorflow", "seqio", "tensorflow_datasets", "apache_beam", "clu",
+                    "librosa", "pretty_midi", "music21", "audioread")
+
+
+def blocked_modules(directory, modules=NOT_ON_GPU_IMAGE) -> str:
+  """A directory for PYTHONPATH in which importing any of `modules` fails."""
+  for module in modules:
+    os.makedirs(os.path.join(directory, module), exist_ok=True)
+    with open(os.path.join(directory, module, "__init__.py"), "w", encoding="utf-8") as f:
+      f.write(f"raise ImportError('{module} is blocked in this test')\n")
+  return str(directory)
+
+
 def tiny_config(**overrides) -> DecoderConfig:
   """The `tiny` size of gin/sizes/tiny.gin, in float32 for tight comparisons."""
   fields = dict(num_layers=2, num_heads=4, head_dim=16, d_model=64, d_ff=256,

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import xla_env
+from conftest import blocked_modules
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +69,8 @@ def test_semantic_speed_reads_gin_files_with_includes_without_tensorflow():
 
 def test_gpu_checks_stops_before_measuring_when_gin_is_missing(tmp_path):
   """benchmarks/gpu_checks.sh where gin is not installed (the GPU image) and no
-  gin-config wheel was carried: a clear error, nothing measured; no OUT_DIR: usage."""
+  wheels were carried: a clear error, nothing measured; no OUT_DIR: usage; a
+  hierarchy step without tokenizer runs and an unknown step: skipped, counted."""
   (tmp_path / "no_gin").mkdir()
   (tmp_path / "no_gin" / "gin.py").write_text("raise ImportError('gin is hidden')\n")
   python = tmp_path / "bin" / "python3"
@@ -81,8 +83,31 @@ def test_gpu_checks_stops_before_measuring_when_gin_is_missing(tmp_path):
   result = subprocess.run(["bash", "benchmarks/gpu_checks.sh", str(tmp_path / "out")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
   assert result.returncode == 2
-  assert "gin is not installed" in result.stderr and "--fetch_wheels" in result.stderr
+  assert "gin, soundfile or soxr is not installed" in result.stderr
+  assert "--prepare" in result.stderr
   assert os.listdir(tmp_path / "out") == []
   usage = subprocess.run(["bash", "benchmarks/gpu_checks.sh"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
   assert usage.returncode != 0 and "usage: gpu_checks.sh OUT_DIR" in usage.stderr
+  skipped = subprocess.run(["bash", "benchmarks/gpu_checks.sh", str(tmp_path / "out2")],
+                           cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, STEPS="hierarchy_speed no_such_step",
+                                    RUNS=str(tmp_path / "no_runs")))
+  assert skipped.returncode == 1
+  assert "hierarchy_speed skipped: no tokenizer runs" in skipped.stdout
+  assert "unknown step 'no_such_step'" in skipped.stderr
+  assert "2 of 2 steps failed, ran out of time or were skipped" in skipped.stdout
+  assert sorted(os.listdir(tmp_path / "out2")) == ["device.txt", "gpu_checks.log"]
+
+
+def test_generation_imports_without_what_the_gpu_image_lacks(tmp_path):
+  """hierarchy_speed.py, `musiclm generate` and `infer` on the GPU image: with
+  the wheels gpu_checks.sh carries (gin, soundfile, soxr) and nothing of
+  TensorFlow, SeqIO, Beam, clu, librosa, pretty_midi or music21."""
+  code = ("import sys; import musiclm_jax.sampling.hierarchy, musiclm_jax.sampling.infer; "
+          "from musiclm_jax import main; [main.import_configurables(c) for c in "
+          "('generate', 'infer', 'export', 'train')]; print('imported')")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=blocked_modules(tmp_path)))
+  assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]

@@ -37,7 +37,7 @@ from musiclm_jax.partitioning import Partitioner
 import audio_fixtures
 import tiny_tokenizers
 import xla_env
-from conftest import tiny_config
+from conftest import blocked_modules, tiny_config
 
 TWO_WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
                "--direct_num_workers=2", "--default_sdk_harness_log_level=WARNING"]
@@ -415,15 +415,10 @@ def test_mixture_samples_corpora_at_their_rates(cache, reader):
 
 def test_stage_gin_files_train_without_tensorflow_and_checkpoint_the_position(cache, tmp_path):
   """`musiclm train` on the numpy reader, in a process where importing
-  TensorFlow, SeqIO or TFDS fails (as on a GPU image that lacks them)."""
+  TensorFlow, SeqIO, TFDS and the audio libraries fails (as on the GPU image)."""
   cache_dir, manifests = cache
   model_dir = str(tmp_path / "coarse")
-  blocked = tmp_path / "no_tensorflow"
-  for module in ("tensorflow", "seqio", "tensorflow_datasets"):
-    (blocked / module).mkdir(parents=True)
-    (blocked / module / "__init__.py").write_text(
-        f"raise ImportError('{module} is blocked in this test')\n")
-  env = xla_env.subprocess_env(8, PYTHONPATH=str(blocked))
+  env = xla_env.subprocess_env(8, PYTHONPATH=blocked_modules(tmp_path / "blocked"))
   bindings = [f"MODEL_DIR = '{model_dir}'", f"TOKENS_DIR = '{cache_dir}'",
               "CORPORA = {'gm': 1.0}", "NUM_STEPS = 2", "train.log_every_steps = 1",
               "train.eval_every_steps = 2", "train.eval_batches = 1",

@@ -51,7 +51,6 @@ import numpy as np
 import optax
 
 from musiclm_jax import audio as audio_lib
-from musiclm_jax.corpora import melody_pairs
 from musiclm_jax.layers import quantizers
 from musiclm_jax.layers import spectral
 from musiclm_jax.layers.projection import Projection
@@ -581,14 +580,21 @@ class MelodyTokenizer:
                                             jnp.asarray(self.embeddings(wav, sample_rate))))
 
 
+def _melody_pairs():
+  """The corpus module, imported when a task reads it: it renders audio with
+  pretty_midi and FluidSynth, which sampling (a tokenizer only) never needs."""
+  from musiclm_jax.corpora import melody_pairs  # pylint: disable=g-import-not-at-top
+  return melody_pairs
+
+
 def fit_rvq(model_dir: str, data_dir: str, max_clips: int | None = None) -> dict[str, Any]:
   """Fits the RVQ (sizes from gin `fit_melody_rvq`) on the window embeddings of
   the train clips of a `melody_renditions` corpus and saves it to
   `MODEL_DIR/melody_rvq.npz`; returns the report."""
   from musiclm_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   tokenizer = MelodyTokenizer.load(model_dir, with_rvq=False)
-  clips = melody_pairs.load_split(data_dir, "train")["audio"][:max_clips]
-  rate = melody_pairs.read_manifest(data_dir)["sample_rate"]
+  clips = _melody_pairs().load_split(data_dir, "train")["audio"][:max_clips]
+  rate = _melody_pairs().read_manifest(data_dir)["sample_rate"]
   embeddings = tokenizer.embeddings(clips, rate)
   return embedding_rvq.fit_and_save(RVQ_FILES, model_dir,
                                     embeddings.reshape(-1, embeddings.shape[-1]),
@@ -654,7 +660,7 @@ class MelodyTask:
 
   def __init__(self, data_dir: str = gin.REQUIRED, sample_rate: int = 16000,
                window_seconds: float = 4.0, melodies_per_batch: int = 8, seed: int = 0):
-    self.manifest = melody_pairs.read_manifest(data_dir)
+    self.manifest = _melody_pairs().read_manifest(data_dir)
     if melodies_per_batch < 2:
       raise ValueError(f"melodies_per_batch must be >= 2 (negatives), got {melodies_per_batch}")
     self.data_dir = data_dir
@@ -671,7 +677,7 @@ class MelodyTask:
 
   def _split(self, split: str) -> dict[str, Any]:
     if split not in self._splits:
-      data = melody_pairs.load_split(self.data_dir, split)
+      data = _melody_pairs().load_split(self.data_dir, split)
       audio = audio_lib.resample(data["audio"], self.manifest["sample_rate"], self.sample_rate)
       rows = {}
       for row, melody in enumerate(data["melody_id"]):
