@@ -258,7 +258,7 @@ class NumpyStageReader:
     hosts = self._host_refs("train")
     process = jax.process_index()
     taken = [0] * len(hosts)
-    permutations: dict[tuple[int, int], np.ndarray] = {}
+    order: dict[int, tuple[int, np.ndarray]] = {}  # corpus -> (epoch, its clip order)
     for n, corpus in enumerate(self._corpus_choices((self.seed, process, 0))):
       position = taken[corpus]
       taken[corpus] += 1
@@ -266,11 +266,10 @@ class NumpyStageReader:
         continue
       cached, refs = hosts[corpus]
       epoch = position // len(refs)
-      if (corpus, epoch) not in permutations:
-        permutations.clear()
-        permutations[corpus, epoch] = np.random.default_rng(
-            [self.seed, process, 1, corpus, epoch]).permutation(len(refs))
-      ref = refs[permutations[corpus, epoch][position % len(refs)]]
+      if order.get(corpus, (None,))[0] != epoch:
+        order[corpus] = (epoch, np.random.default_rng(
+            [self.seed, process, 1, corpus, epoch]).permutation(len(refs)))
+      ref = refs[order[corpus][1][position % len(refs)]]
       rng = np.random.default_rng([self.seed, process, 2, corpus, position])
       prefixes, targets = self.stage.examples(self._clip(cached, ref), rng,
                                               self.conditioning_dropout, self.melody_dropout)
