@@ -40,6 +40,7 @@ from musiclm_jax.training import checkpoints
 from audio_fixtures import TUNE_A, TUNE_B, tune
 import tiny_tokenizers
 import xla_env
+from conftest import blocked_modules
 
 LAYOUT = vocab.TokenLayout(mulan_levels=12, mulan_codebook_size=4, semantic_codebook_size=16,
                            acoustic_levels=12, acoustic_codebook_size=64)
@@ -522,10 +523,11 @@ def test_cli_eval_stage_reports_what_a_checkpoint_uses_of_its_prefix(bundle_dir,
                                                                      tokenizer_dirs, tmp_path):
   runs = bundle_dir[1]
   output = tmp_path / "coarse.json"
-  result = subprocess.run(
+  result = subprocess.run(  # where TensorFlow and SeqIO cannot be imported (a GPU image)
       [sys.executable, "-m", "musiclm_jax.main", "eval", "stage", f"--checkpoint={runs['coarse']}",
        "--split=validation", "--num_clips=0", f"--output={output}"],
-      env=xla_env.subprocess_env(1), capture_output=True, text=True, timeout=600,
+      env=xla_env.subprocess_env(1, PYTHONPATH=blocked_modules(tmp_path / "blocked")),
+      capture_output=True, text=True, timeout=600,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0, result.stderr[-3000:]
   assert all(s in result.stdout for s in ("other_melody", "±", "outside legal"))
@@ -533,7 +535,7 @@ def test_cli_eval_stage_reports_what_a_checkpoint_uses_of_its_prefix(bundle_dir,
   assert list(report["variants"]) == ["own", "no_conditioning", "no_melody", "other_mulan",
                                       "other_melody", "other_semantic"]
   assert (report["step"], report["split"], report["windows"]) == (0, "validation", 20)
-  # The same windows and numbers as an evaluation in this process.
+  # The same windows and numbers as an evaluation in this process through SeqIO.
   task = stage_task.StageTask(stage="coarse", cache_dir=cache[0], corpora={"gm": 1.0},
                               windows=WINDOWS, melody_conditioning=True)
   prefixes, targets = task.eval_windows("validation", 0)

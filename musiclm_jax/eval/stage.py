@@ -31,10 +31,11 @@ the distribution the sampler draws from; `outside_legal` is the probability the
 stage puts on the other ids, which the sampler masks and the trainer's
 `eval/loss` (over the whole vocabulary) counts against it.
 
-`evaluate_stage` is numpy and JAX (no TensorFlow); `evaluate_run`, what
-`musiclm eval stage` and the quickstart call, reads a run's windows from its
-token cache with `StageTask.eval_windows` (through SeqIO and TensorFlow, or
-without them with `--gin_bindings="StageTask.reader='numpy'"`).
+`evaluate_stage` is numpy and JAX; `evaluate_run`, what `musiclm eval stage`
+and the quickstart call, reads a run's windows from its token cache with
+`StageTask.eval_windows` and the numpy reader, whichever reader the run
+trained with: the windows are SeqIO's, in SeqIO's order, and no TensorFlow
+is needed.
 """
 from __future__ import annotations
 
@@ -234,8 +235,8 @@ def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
 
   The stage task is rebuilt from the gin config stored in the checkpoint, which
   replaces the process' gin config; `gin_files` and `gin_bindings` are parsed
-  after it (e.g. `TOKENS_DIR = '...'` for a cache that moved, or
-  `StageTask.reader = 'numpy'` on a host without TensorFlow).
+  after it (e.g. `TOKENS_DIR = '...'` for a cache that moved). The windows are
+  read with the numpy reader (the same windows as SeqIO's, without TensorFlow).
 
   Args:
     model_dir: the stage's `MODEL_DIR`.
@@ -266,7 +267,7 @@ def evaluate_run(model_dir: str, split: str = "test", max_windows: int = 0,
   except Exception as e:  # gin raises IOError, ValueError, SyntaxError, ...
     raise cli.GinConfigError(f"the gin config stored in {model_dir}: {e}") from e
   cli.parse_gin(gin_files, gin_bindings)
-  task = stage_task.StageTask()  # pylint: disable=no-value-for-parameter
+  task = stage_task.StageTask(reader="numpy")  # pylint: disable=no-value-for-parameter
   if task.layout.to_dict() != manifest["token_layout"] or task.describe() != described:
     raise ValueError(f"the token cache read ({task.describe()}) is not what {model_dir} was "
                      f"trained on ({described}); point TOKENS_DIR at that cache")
