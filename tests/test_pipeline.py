@@ -317,6 +317,25 @@ def test_interleave_order_is_tf_datas():
     assert token_cache.interleave(sources, cycle, block) == expected
 
 
+def test_tfrecord_framing_and_checksums_match_tensorflows(tmp_path):
+  rng = np.random.default_rng(2)
+  records = [bytes(range(n)) for n in range(10)] + [rng.bytes(int(n)) for n in
+                                                    rng.integers(0, 3000, size=40)]
+  path = str(tmp_path / "records.tfrecord")
+  with tf.io.TFRecordWriter(path) as writer:
+    for record in records:
+      writer.write(record)
+  with open(path, "rb") as f:
+    data = f.read()
+  assert [data[start:start + n] for start, n in token_cache.record_spans(path)] == records
+  offset = sum(12 + len(r) + 4 for r in records[:20])
+  broken = bytearray(data)
+  broken[offset] ^= 0x01  # the 21st record's length, by one byte
+  with pytest.raises(token_cache.CorruptCacheError,
+                     match=f"the length of the record at byte {offset} fails its checksum"):
+    token_cache.record_spans(path, bytes(broken))
+
+
 def test_packed_int64_lists_decode_like_tensorflows():
   values = np.array([0, 1, 127, 128, 1023, 16384, 2**31 - 1, 2**40, -1, -5, -2**63, 2**63 - 1])
   example = tf.train.Example(features=tf.train.Features(feature={
