@@ -14,9 +14,9 @@ the TFRecord framing (each record's length and data checked against their
 CRC-32C) and the Example message (parsed by protobuf from a descriptor built
 here, in a pool of its own, so that it never clashes with TensorFlow's
 `tensorflow.Example` in a process that imports both; the packed int64 lists
-decoded by numpy). It serves the stage
-reader of hosts without TensorFlow (`stage_task.StageTask`, `reader='numpy'`)
-and anything else that only needs the paths, the manifest or the records.
+decoded by numpy). It serves the stage reader of hosts without TensorFlow
+(`stage_task.StageTask`, `reader='numpy'`) and anything else that only needs
+the paths, the manifest or the records.
 """
 from __future__ import annotations
 

@@ -312,8 +312,8 @@ def _add_task_to_pipeline(pipeline, beam, beam_utils, spec: TokenTaskSpec,
   _ = (written | f"{task.name}_flatten" >> beam.Flatten()
        | f"{task.name}_nothing" >> beam.Filter(lambda _: False)
        | f"{task.name}_completed" >> beam.io.textio.WriteToText(
-           os.path.join(task_dir, "COMPLETED"), num_shards=1, shard_name_template="",
-           append_trailing_newlines=False))
+           os.path.join(task_dir, token_cache.COMPLETED_FILE), num_shards=1,
+           shard_name_template="", append_trailing_newlines=False))
 
 
 # -- reading the cache ------------------------------------------------------------
