@@ -283,6 +283,15 @@ class NumpyStageReader:
       for start in self.stage.window_starts(ref.semantic_frames):
         yield cached, ref, start
 
+  def _window_ids(self, read: dict[int, tuple[token_cache.RecordRef, stages.ClipTokens]],
+                  corpus: int, cached: token_cache.CachedSplit, ref: token_cache.RecordRef,
+                  start: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prefix, targets) of the window at `start` of clip `ref`; `read` keeps each
+    corpus' last clip, so consecutive windows of a clip read it once."""
+    if corpus not in read or read[corpus][0] is not ref:
+      read[corpus] = (ref, self._clip(cached, ref))
+    return self.stage.sequences(self.stage.window(read[corpus][1], start))
+
   def _eval_windows(self, split: str, skip: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(prefix, targets) of evaluation window `skip` on, endlessly; a clip is
     read once for all its windows, and not at all when they are skipped."""
@@ -291,11 +300,8 @@ class NumpyStageReader:
     read: dict[int, tuple[token_cache.RecordRef, stages.ClipTokens]] = {}
     for n, corpus in enumerate(self._corpus_choices((0, jax.process_index(), 3))):
       cached, ref, start = next(streams[corpus])
-      if n < skip:
-        continue
-      if corpus not in read or read[corpus][0] is not ref:
-        read[corpus] = (ref, self._clip(cached, ref))
-      yield self.stage.sequences(self.stage.window(read[corpus][1], start))
+      if n >= skip:
+        yield self._window_ids(read, corpus, cached, ref, start)
 
   def batches(self, split: str, batch_size: int, first_frame_weight: float, skip: int
               ) -> Iterator[Batch]:
@@ -323,10 +329,7 @@ class NumpyStageReader:
     for corpus, item in _round_robin(streams):
       if max_windows and len(prefixes) == max_windows:
         break
-      cached, ref, start = item
-      if corpus not in read or read[corpus][0] is not ref:
-        read[corpus] = (ref, self._clip(cached, ref))
-      prefix, target = self.stage.sequences(self.stage.window(read[corpus][1], start))
+      prefix, target = self._window_ids(read, corpus, *item)
       prefixes.append(prefix)
       targets.append(target)
     return prefixes, targets
@@ -338,11 +341,8 @@ def _round_robin(streams: list[Iterator[Any]]) -> Iterator[tuple[int, Any]]:
   while live:
     still = []
     for index, stream in live:
-      item = next(stream, _END)
-      if item is not _END:
+      item = next(stream, None)  # items are tuples, never None
+      if item is not None:
         still.append((index, stream))
         yield index, item
     live = still
-
-
-_END = object()

@@ -137,11 +137,7 @@ class SeqioStageReader:
     self.stage = stage
     self.seed = seed
     self.name = register_stage(cache_dir, corpora, stage, conditioning_dropout, melody_dropout)
-
-  @property
-  def feature_lengths(self) -> dict[str, int]:
-    prefix, targets = self.stage.lengths()
-    return {"inputs": prefix, "targets": targets}
+    self.feature_lengths = dict(zip(("inputs", "targets"), stage.lengths()))
 
   def dataset(self, split: str, batch_size: int, first_frame_weight: float
               ) -> tf.data.Dataset:
