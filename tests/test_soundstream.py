@@ -173,7 +173,10 @@ def test_streaming_encode_and_decode_equal_whole_signal(codec, variables):
     for start in range(0, frames, chunk):
       w, state = codec.decode_stream(variables, codes[:, start:start + chunk], state)
       streamed_wav.append(np.asarray(w))
-    np.testing.assert_allclose(np.concatenate(streamed_wav, axis=1), decoded, atol=1e-5)
+    # Equal up to float32 rounding: chunks sum the convolutions in another order
+    # (decoded samples reach |3|; one in 20160 differed by 1.04e-5 at 0.117).
+    np.testing.assert_allclose(np.concatenate(streamed_wav, axis=1), decoded, rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_changing_the_future_does_not_change_the_past(codec, variables):
@@ -295,7 +298,11 @@ def test_tiny_codec_overfits_a_chord(codec, variables):
   assert (weights.adversarial, weights.feature_matching, weights.reconstruction,
           weights.commitment) == (1.0, 100.0, 1.0, 1.0)
   wav = jnp.asarray(chord(0.5))
-  model = CodecModel(codec.config, adversarial_warmup_steps=None)
+  # The discriminator of gin/tokenizers/soundstream_tiny.gin: only its parameters
+  # take part (kept as they are); the default one's initialisation compiles for 7 s.
+  model = CodecModel(codec.config, adversarial_warmup_steps=None,
+                     discriminator=CodecDiscriminator(stft_channels=8, wave_channels=4,
+                                                      wave_max_channels=64))
   discriminator = initialise(model.discriminator.init, jax.random.key(1), wav)["params"]
   params = {"generator": variables["params"], "discriminator": discriminator}
   adam = Optimizer(optax.adam(3e-3), optax.constant_schedule(3e-3))
