@@ -38,6 +38,29 @@ from musiclm_jax.layers.transformer import DecoderConfig  # pylint: disable=wron
 from musiclm_jax.models import DecoderOnlyModel  # pylint: disable=wrong-import-position
 
 
+# The test files that cost most, most first (CPU seconds of the whole file,
+# 2026-12-08, 2 cores): xdist hands files out in collection order
+# (`--no-loadscope-reorder` in pytest.ini), so the two workers start on the long
+# ones and end on the short ones (the rest, in pytest's order) and finish
+# together. test_pipeline builds the tokenizers that test_melody_conditioning
+# and test_quickstart wait for, while the other worker runs
+# test_codec_training, which needs nothing shared.
+COSTLIEST_FILES = ("test_pipeline.py",             # 261
+                   "test_codec_training.py",       # 92
+                   "test_melody_conditioning.py",  # 126
+                   "test_quickstart.py",           # 95
+                   "test_training.py",             # 85
+                   "test_w2v_bert.py",             # 69
+                   "test_soundstream.py",          # 52
+                   "test_cli.py",                  # 45
+                   "test_launchers.py")            # 37
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(COSTLIEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the rest
+
+
 def pytest_sessionfinish(session):
   if _OWNS_SHARED_DIRS and not hasattr(session.config, "workerinput"):
     for name in ("JAX_COMPILATION_CACHE_DIR", "MUSICLM_TESTS_SHARED_DIR"):
