@@ -299,7 +299,7 @@ def test_tiny_codec_overfits_a_chord(codec, variables):
           weights.commitment) == (1.0, 100.0, 1.0, 1.0)
   wav = jnp.asarray(chord(0.5))
   # The discriminator of gin/tokenizers/soundstream_tiny.gin: only its parameters
-  # take part (kept as they are); the default one's initialisation compiles for 7 s.
+  # take part (kept as they are); initialising the default one took 7.6 s.
   model = CodecModel(codec.config, adversarial_warmup_steps=None,
                      discriminator=CodecDiscriminator(stft_channels=8, wave_channels=4,
                                                       wave_max_channels=64))
