@@ -1,6 +1,6 @@
 """launch/slurm_gpu.sbatch and launch/tpu_pod.sh against stand-ins for srun,
 scontrol and gcloud: a 2-task SLURM job on this machine trains exactly like one
-process of 8 devices, its tasks get their own process ids, and the pod launcher
+process of 4 devices, its tasks get their own process ids, and the pod launcher
 hands gin bindings (quotes, parentheses, spaces) to the workers intact."""
 import json
 import os
@@ -20,13 +20,13 @@ USER_FLAGS = ["--gin_file=gin/runs/synthetic_tiny.gin",
               "--gin_bindings=Partitioner.mesh_shape=(-1, 1, 1)"]
 
 # srun on one machine: SLURM_NTASKS copies of the command, as a step's tasks on
-# one-task nodes would get them, each with 4 virtual CPU devices.
+# one-task nodes would get them, each with 2 virtual CPU devices.
 FAKE_SRUN = """#!/usr/bin/env bash
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
   SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_STEP_NUM_TASKS=$SLURM_NTASKS \\
     SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST JAX_PLATFORMS=cpu \\
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=4" "$@" &
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=2" "$@" &
   pids+=($!)
 done
 status=0
@@ -74,8 +74,8 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_slurm_job_of_two_tasks_trains_like_one_process_of_eight(tmp_path, monkeypatch):
-  one = test_multiprocess.one_process_of_eight()
+def test_slurm_job_of_two_tasks_trains_like_one_process_of_four(tmp_path, monkeypatch):
+  one = test_multiprocess.one_process_of_four()
   for name, value in slurm_env(tmp_path, 4321).items():
     monkeypatch.setenv(name, value)
   monkeypatch.setenv("COORDINATOR_PORT", str(free_port()))

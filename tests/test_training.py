@@ -1,5 +1,6 @@
 import functools
 import logging
+import math
 import os
 import signal
 
@@ -22,10 +23,11 @@ from musiclm_jax.training.trainer import NonFiniteLossError, IncompatibleCheckpo
 
 def run(model_dir, num_steps, *, model=None, optimizer=None, mesh_shape=None,
         save_every=2, **kwargs):
-  """The trainer on the synthetic task: on one device, or on all 8 with `mesh_shape`
-  (8 virtual devices share 2 cores: a step costs several times more)."""
+  """The trainer on the synthetic task: on one device, or on the first of the 8
+  devices that `mesh_shape` (no -1) spans (8 virtual devices share 2 cores: a step
+  on all 8 costs several times more)."""
   partitioner = (Partitioner((1, 1, 1), devices=jax.devices()[:1]) if mesh_shape is None
-                 else Partitioner(mesh_shape))
+                 else Partitioner(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)]))
   return train(model_dir=str(model_dir), task=SyntheticTokenTask(length=32, max_motif_length=6),
                model=model or DecoderOnlyModel(tiny_config()), num_steps=num_steps,
                batch_size=8, optimizer=optimizer or optimizers.make_optimizer(
@@ -61,7 +63,7 @@ def test_adafactor_with_rsqrt_schedule_trains_on_a_sharded_mesh(tmp_path):
 
 
 def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
-  data_parallel = (-1, 1, 1)  # sharded state and batches over the 8 devices
+  data_parallel = (2, 1, 1)  # sharded state and batches over 2 devices
   uninterrupted = run(tmp_path / "a", 6, mesh_shape=data_parallel)
   assert not uninterrupted.preempted
   # Saved every 2 steps, the newest 2 kept.
