@@ -580,23 +580,38 @@ def test_cli_generate_writes_one_wav_per_prompt_and_refuses_bad_input(bundle_dir
   assert no_output.returncode == 2 and "--output is required" in no_output.stderr
 
 
-def test_infer_resumes_skips_bad_lines_and_splits_items_over_hosts(generator, tmp_path):
+def test_infer_resumes_skips_bad_lines_and_splits_items_over_hosts(generator, tmp_path,
+                                                                   monkeypatch):
   prompts = str(tmp_path / "prompts.jsonl")
   lines = [{"id": "a", "prompt": "a calm waltz", "seconds": 0.4, "seed": 1},
            {"id": "b", "prompt": "loud drums", "seconds": 0.4, "seed": 2},
            {"id": "c", "segments": [["calm", 0.2], ["loud", 0.2]], "seed": 3},
            {"id": "d", "prompt": "   ", "seconds": 0.4},
-           {"id": "a", "prompt": "again", "seconds": 0.4}]
+           {"id": "a", "prompt": "again", "seconds": 0.4},
+           {"id": "e", "prompt": "soft strings", "seconds": 0.4, "seed": 5}]
   with open(prompts, "w") as f:
     f.writelines(json.dumps(line) + "\n" for line in lines)
     f.write("not json\n")
   out = str(tmp_path / "out")
+  batches = []
+  generate = generator.generate
+  def recording_generate(rows, seeds, **kwargs):
+    batches.append(list(seeds))
+    return generate(rows, seeds, **kwargs)
+  monkeypatch.setattr(generator, "generate", recording_generate)
   report = infer_lib.infer(generator, prompts, out, batch_size=2)
-  assert report["generated"] == 3 and report["already_done"] == 0
+  assert report["generated"] == 4 and report["already_done"] == 0
   assert report["skipped"] == {"empty prompt": 1, "id 'a' repeats": 1,
                                "Expecting value: line 1 column 1 (char 0)": 1}
+  # a, b and e (0.4 s, one segment) in two batches of 2, the second filled up with
+  # a copy of e (so that it reuses the first batch's programs); c alone.
+  assert batches == [[1, 2], [5, 5], [3]]
   manifest = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
-  assert sorted(r["id"] for r in manifest) == ["a", "b", "c"]
+  assert sorted(r["id"] for r in manifest) == ["a", "b", "c", "e"]
+  alone = generate([[("soft strings", 0.4)]], [5])
+  e_tokens = np.load(os.path.join(out, "e.npz"))
+  np.testing.assert_array_equal(e_tokens["semantic"], alone.semantic[0])
+  np.testing.assert_array_equal(e_tokens["acoustic"], alone.acoustic[0])
   first_b = soundfile.read(os.path.join(out, "b.wav"))[0]
   # Killed before "b" was recorded: its line and files are gone; "a" must not be redone.
   with open(os.path.join(out, "manifest.jsonl"), "w") as f:
@@ -604,7 +619,7 @@ def test_infer_resumes_skips_bad_lines_and_splits_items_over_hosts(generator, tm
   os.remove(os.path.join(out, "b.wav"))
   mtime_a = os.path.getmtime(os.path.join(out, "a.wav"))
   report = infer_lib.infer(generator, prompts, out, batch_size=2)
-  assert report["generated"] == 1 and report["already_done"] == 2
+  assert report["generated"] == 1 and report["already_done"] == 3
   assert os.path.getmtime(os.path.join(out, "a.wav")) == mtime_a
   np.testing.assert_allclose(soundfile.read(os.path.join(out, "b.wav"))[0], first_b, atol=1e-4)
   tokens = np.load(os.path.join(out, "c.npz"))
@@ -614,7 +629,7 @@ def test_infer_resumes_skips_bad_lines_and_splits_items_over_hosts(generator, tm
     host_dir = str(tmp_path / f"host{index}")
     infer_lib.infer(generator, prompts, host_dir, process_index=index, process_count=2)
     owned.append(infer_lib.finished_ids(host_dir))
-  assert owned[0] | owned[1] == {"a", "b", "c"} and not owned[0] & owned[1]
+  assert owned[0] | owned[1] == {"a", "b", "c", "e"} and not owned[0] & owned[1]
 
 
 def test_eval_generation_measures_generated_and_real_clips(generator, tiny_gm_corpus):

@@ -11,7 +11,10 @@ Each line of the prompt file is one item:
 (`id` defaults to the line number, `seconds` to `infer.seconds`, `seed` to the
 line number; `melody`, a recording to follow with a melody bundle, is a path
 relative to the prompt file). Items of equal length, segment count and
-melody-or-not are generated together in batches of `batch_size`. Every
+melody-or-not are generated together in batches of `batch_size`; when such a
+group fills more than one batch, its last batch is filled up with copies of a
+row (dropped afterwards), so that every batch of the group runs the programs
+its first batch compiled. Every
 process of a multi-host job takes the items whose index modulo the process
 count is its own.
 
@@ -181,9 +184,15 @@ def infer(generator: Generator, prompts_path: str, output_dir: str, batch_size: 
         with open(skipped_path, "a", encoding="utf-8") as f:
           f.writelines(json.dumps(s) + "\n" for s in refused)
       if batch:
-        melody = {"melody_audio": melodies, "melody_sample_rate": rate} if melodies else {}
-        result = generator.generate([item["segments"] for item in batch],
-                                    [item["seed"] for item in batch], **melody)
+        # A group's last batch (or one thinned by refused melodies) is filled up
+        # with copies of its last row, so that it reuses the programs the group's
+        # first batch compiled; rows are independent, and the copies are dropped.
+        pad = batch_size - len(batch) if len(group) > batch_size else 0
+        melody = ({"melody_audio": melodies + melodies[-1:] * pad, "melody_sample_rate": rate}
+                  if melodies else {})
+        result = generator.generate([item["segments"] for item in batch + batch[-1:] * pad],
+                                    [item["seed"] for item in batch + batch[-1:] * pad],
+                                    **melody)
         for row, item in enumerate(batch):
           tokens = {"semantic": result.semantic[row], "acoustic": result.acoustic[row],
                     "mulan": result.mulan[row]}
