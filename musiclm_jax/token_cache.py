@@ -20,11 +20,13 @@ the paths, the manifest or the records.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
 import os
 import struct
+import weakref
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -305,6 +307,10 @@ class CachedSplit:
   Opening it reads this process' shards once: it checks each record's
   checksums and keeps a `RecordRef` per record, so a clip is read again by
   seeking to it. Memory grows with the number of clips, not their tokens.
+  `read` keeps the shards it read last open (at most `max_open_files`; the
+  least recently read one is closed first), so that training's shuffled order
+  does not open a file per clip, which on a remote filesystem costs a round
+  trip each time; they close when the split is garbage-collected.
 
   `records` are this process' tokenized clips in the order SeqIO reads the
   split unshuffled: its files through tf.data's interleave (`interleave`),
@@ -318,10 +324,14 @@ class CachedSplit:
     acoustic_levels, melody_levels: the cache's layout (`melody_levels` 0:
       the melody codes are not read).
     shard_index, num_shards: this process and the number of processes.
+    max_open_files: how many shards `read` keeps open.
   """
 
   def __init__(self, task_dir: str, split: str, acoustic_levels: int,
-               melody_levels: int = 0, shard_index: int = 0, num_shards: int = 1):
+               melody_levels: int = 0, shard_index: int = 0, num_shards: int = 1,
+               max_open_files: int = 16):
+    if max_open_files < 1:
+      raise ValueError(f"max_open_files must be at least 1; got {max_open_files}")
     paths = shard_paths(task_dir, split)
     by_file = len(paths) >= num_shards
     self.acoustic_levels = acoustic_levels
@@ -331,6 +341,9 @@ class CachedSplit:
     if not by_file:
       order = order[shard_index::num_shards]
     self.records = [ref for ref in order if not ref.skipped]
+    self._max_open_files = max_open_files
+    self._open_files: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    weakref.finalize(self, _close_files, self._open_files)
 
   def _index(self, path: str) -> list[RecordRef]:
     data = epath.Path(path).read_bytes()
@@ -345,9 +358,20 @@ class CachedSplit:
     return parse_clip(serialized, self.acoustic_levels, self.melody_levels)
 
   def read(self, ref: RecordRef) -> dict[str, Any]:
-    with epath.Path(ref.path).open("rb") as f:
-      f.seek(ref.offset)
-      return self._parse(f.read(ref.length))
+    f = self._open_files.pop(ref.path, None)
+    if f is None:
+      if len(self._open_files) >= self._max_open_files:
+        self._open_files.popitem(last=False)[1].close()
+      f = epath.Path(ref.path).open("rb")
+    self._open_files[ref.path] = f  # the most recently read shard last
+    f.seek(ref.offset)
+    return self._parse(f.read(ref.length))
+
+
+def _close_files(files: dict[str, Any]) -> None:
+  for f in files.values():
+    f.close()
+  files.clear()
 
 
 def interleave(sources: list[list[Any]], cycle_length: int = 16, block_length: int = 16

@@ -2,6 +2,7 @@
 corpora with the three tiny tokenizers, the stage tasks and mixtures that read the
 cache, stage training, bundles, and generation through the hierarchy."""
 import collections
+import gc
 import json
 import os
 import shutil
@@ -279,6 +280,24 @@ def test_token_cache_records_equal_tensorflows_and_bad_files_are_named(cache, tm
         for key in b:
           np.testing.assert_array_equal(a[key], b[key], err_msg=key)
           assert np.asarray(a[key]).dtype == np.asarray(b[key]).dtype
+  # Read in a shuffled order over the 3 shards, at most 2 of them stay open.
+  gm_dir = token_cache.task_cache_dir(cache_dir, "gm")
+  shard_names = {os.path.realpath(p) for p in token_cache.shard_paths(gm_dir, "train")}
+  def open_shards():
+    return sum(os.path.realpath(os.path.join("/proc/self/fd", fd)) in shard_names
+               for fd in os.listdir("/proc/self/fd"))
+  cached = token_cache.CachedSplit(gm_dir, "train", acoustic_levels=12, max_open_files=2)
+  assert len({ref.path for ref in cached.records}) == 3
+  by_clip = {}
+  for i in np.random.default_rng(0).permutation(2 * len(cached.records)):
+    record = cached.read(cached.records[i % len(cached.records)])
+    by_clip.setdefault(record["clip_id"], record)
+    assert 1 <= open_shards() <= 2
+  for record in read_split(cache_dir, "gm", "train"):
+    np.testing.assert_array_equal(by_clip[record["clip_id"]]["acoustic"], record["acoustic"])
+  del cached
+  gc.collect()
+  assert open_shards() == 0
   broken = str(tmp_path / "tokens")
   shutil.copytree(cache_dir, broken)
   gm_dir = token_cache.task_cache_dir(broken, "gm")
