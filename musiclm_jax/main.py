@@ -158,11 +158,13 @@ def _prepare(args: Sequence[str]) -> None:
     raise UsageError(f"usage: musiclm prepare {{{'|'.join(registry.SOURCES)}}} --data_dir=DIR "
                      f"--num_examples=N --seconds=S --seed=K [--source_dir=DIR]; "
                      f"got {' '.join(args) or 'no corpus'}")
-  from musiclm_jax.tasks import corpora  # pylint: disable=g-import-not-at-top  # TensorFlow
   try:
     spec = base.BuildSpec(num_examples=FLAGS.num_examples, seconds=FLAGS.seconds,
                           seed=FLAGS.seed, source_dir=FLAGS.source_dir)
-    corpora.prepare(registry.SOURCES[args[0]](), spec, FLAGS.data_dir, workers=FLAGS.workers)
+    source = registry.SOURCES[args[0]]()
+    source.check(spec)  # a missing folder or SoundFont is named before TensorFlow loads (5 s)
+    from musiclm_jax.tasks import corpora  # pylint: disable=g-import-not-at-top  # TensorFlow
+    corpora.prepare(source, spec, FLAGS.data_dir, workers=FLAGS.workers)
   except (ValueError, render.RenderError) as e:
     raise CommandError(str(e)) from e
 
