@@ -18,7 +18,7 @@
 # whole output to OUT_DIR/gpu_checks.log, the GPU's name to OUT_DIR/device.txt.
 #
 # The GPU image has jax, flax, optax, orbax and numpy but neither TensorFlow
-# (no step needs it) nor gin, soundfile and soxr. Those travel as wheels in
+# (no step needs it) nor gin, soundfile, soxr and google-crc32c. Those travel as wheels in
 # .whl/, and the hierarchy's tokenizer runs (their weights do not change its
 # cost) in .gpu_runs/, both ignored by git:
 #   bash benchmarks/gpu_checks.sh --prepare [RUNS]     # here, once (PyPI): the wheels,
@@ -40,7 +40,7 @@ RUNS=${RUNS:-.gpu_runs}  # where the carried tokenizer runs are
 TOKENIZERS=(soundstream w2v_bert mulan)
 
 if [[ "$ARG" == --prepare ]]; then
-  for name in gin-config soundfile soxr cffi pycparser; do
+  for name in gin-config soundfile soxr cffi pycparser google-crc32c; do
     version=$(sed -n "s/^${name}==//p" constraints.txt)
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --abi cp312 --abi abi3 --abi none \
@@ -64,9 +64,9 @@ fi
 OUT_DIR=${ARG:?usage: gpu_checks.sh OUT_DIR | --prepare [RUNS]}
 mkdir -p "$OUT_DIR"
 
-if ! python3 -c "import gin, soundfile, soxr" 2>/dev/null; then
+if ! python3 -c "import gin, soundfile, soxr, google_crc32c" 2>/dev/null; then
   if ! ls "$WHEELS"/gin_config-*.whl >/dev/null 2>&1; then
-    echo "gpu_checks: gin, soundfile or soxr is not installed and $WHEELS/ holds no wheels;" \
+    echo "gpu_checks: gin, soundfile, soxr or google_crc32c is not installed and $WHEELS/ holds no wheels;" \
          "run 'bash benchmarks/gpu_checks.sh --prepare' where PyPI is reachable" >&2
     exit 2
   fi

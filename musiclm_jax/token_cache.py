@@ -9,10 +9,10 @@ directory per corpus:
         info.<split>.json                      SeqIO's info, with `num_shards`
         <split>.tfrecord-NNNNN-of-MMMMM        one serialized tf.train.Example per clip
 
-This module reads that layout with the standard library, protobuf and numpy:
-the TFRecord framing (each record's length and data checked against their
-CRC-32C) and the Example message (parsed by protobuf from a descriptor built
-here, in a pool of its own, so that it never clashes with TensorFlow's
+This module reads that layout with the standard library, google_crc32c,
+protobuf and numpy: the TFRecord framing (each record's length and data
+checked against their CRC-32C) and the Example message (parsed by protobuf
+from a descriptor built here, in a pool of its own, so that it never clashes with TensorFlow's
 `tensorflow.Example` in a process that imports both; the packed int64 lists
 decoded by numpy). It serves the stage reader of hosts without TensorFlow
 (`stage_task.StageTask`, `reader='numpy'`) and anything else that only needs
@@ -29,6 +29,7 @@ import struct
 import weakref
 from typing import Any, Iterator, Optional, Sequence
 
+import google_crc32c
 import numpy as np
 from etils import epath
 from google.protobuf import descriptor_pb2
@@ -93,52 +94,11 @@ def shard_paths(task_dir: str, split: str) -> list[str]:
 
 # -- TFRecord framing ----------------------------------------------------------
 
-@functools.cache
-def _crc32c_tables() -> np.ndarray:
-  """uint32 `[4, 256]`: CRC-32C's byte table and its slicing-by-4 extensions."""
-  tables = np.zeros((4, 256), np.uint32)
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    tables[0, byte] = crc
-  for k in range(1, 4):
-    tables[k] = (tables[k - 1] >> 8) ^ tables[0][tables[k - 1] & 0xFF]
-  return tables
-
-
 def masked_crc32c(chunks: Sequence[bytes]) -> np.ndarray:
-  """TFRecord's checksum of each chunk: CRC-32C (Castagnoli), rotated and
-  offset; uint32 `[chunks]`.
-
-  All chunks advance together, four bytes per step (slicing-by-4), so the
-  Python loop runs over the longest chunk's words, not over every byte.
-  """
-  tables = _crc32c_tables()
-  lengths = np.array([len(chunk) for chunk in chunks], np.int64)
-  order = np.argsort(-lengths, kind="stable")  # longest first: active rows are a prefix
-  lengths = lengths[order]
-  width = int(lengths[0]) if len(lengths) else 0
-  padded = np.zeros((len(lengths), width + (-width) % 4), np.uint8)
-  for row, index in enumerate(order):
-    padded[row, :lengths[row]] = np.frombuffer(chunks[index], np.uint8)
-  words = padded.view("<u4")
-  full_words = lengths // 4
-  crc = np.full(len(lengths), 0xFFFFFFFF, np.uint32)
-  for step in range(words.shape[1]):
-    active = int(np.searchsorted(-full_words, -step, side="left"))  # rows with > step words
-    c = crc[:active] ^ words[:active, step]
-    crc[:active] = (tables[3][c & 0xFF] ^ tables[2][(c >> 8) & 0xFF] ^
-                    tables[1][(c >> 16) & 0xFF] ^ tables[0][c >> 24])
-  for tail in range(3):  # the last 1-3 bytes, one at a time
-    rows = np.flatnonzero(lengths > 4 * full_words + tail)
-    byte = padded[rows, 4 * full_words[rows] + tail]
-    crc[rows] = tables[0][(crc[rows] ^ byte) & 0xFF] ^ (crc[rows] >> 8)
-  crc ^= np.uint32(0xFFFFFFFF)
-  masked = ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(0xA282EAD8)
-  out = np.empty_like(masked)
-  out[order] = masked
-  return out
+  """TFRecord's checksum of each chunk: CRC-32C (Castagnoli, google_crc32c's C
+  code), rotated and offset; uint32 `[chunks]`."""
+  crc = np.array([google_crc32c.value(chunk) for chunk in chunks], np.uint32)
+  return ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(0xA282EAD8)
 
 
 def record_spans(path: str, data: Optional[bytes] = None) -> list[tuple[int, int]]:

@@ -83,7 +83,7 @@ def test_gpu_checks_stops_before_measuring_when_gin_is_missing(tmp_path):
   result = subprocess.run(["bash", "benchmarks/gpu_checks.sh", str(tmp_path / "out")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
   assert result.returncode == 2
-  assert "gin, soundfile or soxr is not installed" in result.stderr
+  assert "gin, soundfile, soxr or google_crc32c is not installed" in result.stderr
   assert "--prepare" in result.stderr
   assert os.listdir(tmp_path / "out") == []
   usage = subprocess.run(["bash", "benchmarks/gpu_checks.sh"], cwd=REPO, env=env,
@@ -102,7 +102,7 @@ def test_gpu_checks_stops_before_measuring_when_gin_is_missing(tmp_path):
 
 def test_generation_imports_without_what_the_gpu_image_lacks(tmp_path):
   """hierarchy_speed.py, `musiclm generate` and `infer` on the GPU image: with
-  the wheels gpu_checks.sh carries (gin, soundfile, soxr) and nothing of
+  the wheels gpu_checks.sh carries (gin, soundfile, soxr, google_crc32c) and nothing of
   TensorFlow, SeqIO, Beam, clu, librosa, pretty_midi or music21."""
   code = ("import sys; import musiclm_jax.sampling.hierarchy, musiclm_jax.sampling.infer; "
           "from musiclm_jax import main; [main.import_configurables(c) for c in "
