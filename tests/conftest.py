@@ -45,15 +45,16 @@ from musiclm_jax.models import DecoderOnlyModel  # pylint: disable=wrong-import-
 # together. test_pipeline builds the tokenizers that test_melody_conditioning
 # and test_quickstart wait for, while the other worker runs
 # test_codec_training, which needs nothing shared.
-COSTLIEST_FILES = ("test_pipeline.py",             # 261
-                   "test_codec_training.py",       # 92
-                   "test_melody_conditioning.py",  # 126
-                   "test_quickstart.py",           # 95
-                   "test_training.py",             # 85
-                   "test_w2v_bert.py",             # 69
-                   "test_soundstream.py",          # 52
-                   "test_cli.py",                  # 45
-                   "test_launchers.py")            # 37
+COSTLIEST_FILES = ("test_pipeline.py",             # 255
+                   "test_codec_training.py",       # 97
+                   "test_melody_conditioning.py",  # 123
+                   "test_quickstart.py",           # 77
+                   "test_training.py",             # 63
+                   "test_w2v_bert.py",             # 57
+                   "test_soundstream.py",          # 47
+                   "test_cli.py",                  # 34
+                   "test_melody.py",               # 31
+                   "test_launchers.py")            # 28
 
 
 def pytest_collection_modifyitems(items):
