@@ -16,6 +16,13 @@ if [[ $# -lt 3 ]]; then
 fi
 num_processes=$1
 devices=$2
+for count in "$num_processes" "$devices"; do
+  if ! [[ $count =~ ^[1-9][0-9]*$ ]]; then
+    echo "launch/local_multiprocess.sh: NUM_PROCESSES and DEVICES_PER_PROCESS must be" \
+         "positive integers; got '$num_processes' and '$devices'" >&2
+    exit 2
+  fi
+done
 shift 2
 port=${COORDINATOR_PORT:-$((20000 + RANDOM % 20000))}
 log_dir=${LOG_DIR:-/tmp}

@@ -49,3 +49,11 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path):
   assert len(one) == len(two) == STEPS
   np.testing.assert_allclose(two, one, rtol=2e-5)
   assert one[-1] < one[0]
+
+
+def test_launcher_names_bad_counts():
+  for counts in (["two", "2"], ["2", "0"]):
+    result = subprocess.run(["bash", "launch/local_multiprocess.sh", *counts, "train"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "must be positive integers" in result.stderr and f"'{counts[0]}'" in result.stderr
