@@ -12,9 +12,9 @@ directory per corpus:
 This module reads that layout with the standard library, google_crc32c,
 protobuf and numpy: the TFRecord framing (each record's length and data
 checked against their CRC-32C) and the Example message (parsed by protobuf
-from a descriptor built here, in a pool of its own, so that it never clashes with TensorFlow's
-`tensorflow.Example` in a process that imports both; the packed int64 lists
-decoded by numpy). It serves the stage reader of hosts without TensorFlow
+from a descriptor built here, in a pool of its own, so that it never clashes
+with TensorFlow's `tensorflow.Example` in a process that imports both; the
+packed int64 lists decoded by numpy). It serves the stage reader of hosts without TensorFlow
 (`stage_task.StageTask`, `reader='numpy'`) and anything else that only needs
 the paths, the manifest or the records.
 """

@@ -14,9 +14,8 @@ relative to the prompt file). Items of equal length, segment count and
 melody-or-not are generated together in batches of `batch_size`; when such a
 group fills more than one batch, its last batch is filled up with copies of a
 row (dropped afterwards), so that every batch of the group runs the programs
-its first batch compiled. Every
-process of a multi-host job takes the items whose index modulo the process
-count is its own.
+its first batch compiled. Every process of a multi-host job takes the items
+whose index modulo the process count is its own.
 
 For each finished item the job writes `<id>.wav` and `<id>.npz` (its
 semantic, acoustic and MuLan codes, and melody codes) atomically, then
