@@ -22,6 +22,7 @@ from musiclm_jax import vocab
 from musiclm_jax.corpora import audio_folder
 from musiclm_jax.eval import generation as generation_eval
 from musiclm_jax.sampling import bundle
+from musiclm_jax.sampling import decoding
 from musiclm_jax.sampling import hierarchy
 from musiclm_jax.sampling import infer as infer_lib
 from musiclm_jax.corpora import base
@@ -537,9 +538,22 @@ def test_bundle_round_trip_and_refusals(bundle_dir, cache, tokenizer_dirs, tmp_p
     bundle.Bundle.load(str(tmp_path))
 
 
-def test_generation_is_seeded_legal_and_a_shorter_piece_starts_a_longer_one(generator):
+def test_generation_is_seeded_legal_and_a_shorter_piece_starts_a_longer_one(generator,
+                                                                           monkeypatch):
   rows = [[("a calm piano waltz", 1.6)], [("fast techno drums", 1.6)]]
   long = generator.generate(rows, seeds=[1, 2])  # 3 semantic and 7 coarse windows
+  # The 16 fine windows (8 per row) in calls of 5 rows, the last filled up: the
+  # same tokens as all 16 in one call.
+  calls = []
+  sample = decoding.sample
+  def recording_sample(model, params, prefix, *args, **kwargs):
+    calls.append(len(prefix))
+    return sample(model, params, prefix, *args, **kwargs)
+  monkeypatch.setattr(decoding, "sample", recording_sample)
+  chunked = hierarchy.Generator(generator.bundle, hierarchy.HierarchyConfig(
+      fine_rows_per_call=5)).generate(rows, seeds=[1, 2])
+  assert calls[-4:] == [5, 5, 5, 5] and calls.count(5) == 4
+  np.testing.assert_array_equal(chunked.acoustic, long.acoustic)
   frames = int(1.6 * 25)
   assert long.audio.shape == (2, frames * 960) and np.all(np.isfinite(long.audio))
   assert long.semantic.shape == (2, frames) and long.acoustic.shape == (2, 2 * frames, 12)

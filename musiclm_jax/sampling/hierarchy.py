@@ -12,7 +12,10 @@ Long-form: the semantic and coarse stages slide their window over time;
 each new window starts `overlap` of a window before the end of what exists,
 and that overlap is fed as the window's target prompt (fed causally, as in
 training), so the music continues rather than restarting. The fine stage
-works on consecutive windows, all windows of all rows in one batch.
+works on consecutive windows, all windows of all rows in one batch, or, past
+`fine_rows_per_call` rows (minutes of audio, large batches), in calls of that
+many rows, the last filled up with copies of a row: its KV caches stay
+bounded, and every call, whatever the length, runs one compiled sampler.
 
 Windows sit on a fixed grid and are whole: a piece longer than a window is
 generated up to the end of its last window and cut to length at the end (each
@@ -73,6 +76,8 @@ class HierarchyConfig:
     guidance_scale: classifier-free guidance of the semantic and coarse stages
       (stages trained with conditioning dropout); 1 is off.
     overlap: fraction of a window fed as the next window's prompt.
+    fine_rows_per_call: the most fine windows (of all batch rows) sampled in
+      one call; each holds a KV cache (about 180 MB at `base` size in bf16).
   """
 
   temperatures: tuple[float, float, float] = (1.0, 0.95, 0.4)
@@ -80,10 +85,13 @@ class HierarchyConfig:
   top_p: float = 1.0
   guidance_scale: float = 1.0
   overlap: float = 0.5
+  fine_rows_per_call: int = 64
 
   def __post_init__(self):
     if not 0.0 <= self.overlap < 1.0:
       raise ValueError(f"overlap {self.overlap} must be in [0, 1)")
+    if self.fine_rows_per_call < 1:
+      raise ValueError(f"fine_rows_per_call {self.fine_rows_per_call} must be at least 1")
 
   def sampling(self, stage: str) -> decoding.SamplingConfig:
     index = stages_lib.STAGE_NAMES.index(stage)
@@ -373,7 +381,14 @@ class Generator:
                              for s, e in windows]).astype(np.int32)  # [windows * B, ...]
     lo, hi = stage.target_ranges(length * stage.fine_levels)
     row_seeds = np.concatenate([self._seeds(seeds, 2, s) for s, _ in windows])
-    ids = self._sample("fine", prefix, lo, hi, row_seeds)
+    rows = len(prefix)
+    per_call = min(rows, self.config.fine_rows_per_call)
+    pad = -rows % per_call  # the last call filled up: one shape for every call
+    prefix = np.concatenate([prefix, np.repeat(prefix[-1:], pad, axis=0)])
+    row_seeds = np.concatenate([row_seeds, np.repeat(row_seeds[-1:], pad)])
+    ids = np.concatenate([
+        self._sample("fine", prefix[i:i + per_call], lo, hi, row_seeds[i:i + per_call])
+        for i in range(0, len(prefix), per_call)])[:rows]
     fine = self.layout.acoustic_codes(ids.reshape(len(ids), length, stage.fine_levels),
                                       stage.coarse_levels)
     pieces = [np.concatenate([coarse[:, s:e], fine[i * batch:(i + 1) * batch]], axis=2)
