@@ -551,9 +551,12 @@ def test_generation_is_seeded_legal_and_a_shorter_piece_starts_a_longer_one(gene
     return sample(model, params, prefix, *args, **kwargs)
   monkeypatch.setattr(decoding, "sample", recording_sample)
   chunked = hierarchy.Generator(generator.bundle, hierarchy.HierarchyConfig(
-      fine_rows_per_call=5)).generate(rows, seeds=[1, 2])
+      fine_rows_per_call=5, decode_frames_per_call=7)).generate(rows, seeds=[1, 2])
   assert calls[-4:] == [5, 5, 5, 5] and calls.count(5) == 4
   np.testing.assert_array_equal(chunked.acoustic, long.acoustic)
+  # 80 frames decoded as a stream of 7-frame chunks (the last padded): the
+  # one-call waveform, up to float32 rounding.
+  np.testing.assert_allclose(chunked.audio, long.audio, rtol=1e-4, atol=1e-5)
   frames = int(1.6 * 25)
   assert long.audio.shape == (2, frames * 960) and np.all(np.isfinite(long.audio))
   assert long.semantic.shape == (2, frames) and long.acoustic.shape == (2, 2 * frames, 12)

@@ -16,6 +16,8 @@ works on consecutive windows, all windows of all rows in one batch, or, past
 `fine_rows_per_call` rows (minutes of audio, large batches), in calls of that
 many rows, the last filled up with copies of a row: its KV caches stay
 bounded, and every call, whatever the length, runs one compiled sampler.
+Likewise the codec decodes a piece longer than `decode_frames_per_call`
+frames as a stream of chunks of that many frames.
 
 Windows sit on a fixed grid and are whole: a piece longer than a window is
 generated up to the end of its last window and cut to length at the end (each
@@ -78,6 +80,9 @@ class HierarchyConfig:
     overlap: fraction of a window fed as the next window's prompt.
     fine_rows_per_call: the most fine windows (of all batch rows) sampled in
       one call; each holds a KV cache (about 180 MB at `base` size in bf16).
+    decode_frames_per_call: the longest piece (in 50 Hz frames) that the
+      codec decodes in one call; a longer one is decoded as a stream of
+      chunks of that many frames, which bounds the decoder's activations.
   """
 
   temperatures: tuple[float, float, float] = (1.0, 0.95, 0.4)
@@ -86,12 +91,14 @@ class HierarchyConfig:
   guidance_scale: float = 1.0
   overlap: float = 0.5
   fine_rows_per_call: int = 64
+  decode_frames_per_call: int = 1500
 
   def __post_init__(self):
     if not 0.0 <= self.overlap < 1.0:
       raise ValueError(f"overlap {self.overlap} must be in [0, 1)")
-    if self.fine_rows_per_call < 1:
-      raise ValueError(f"fine_rows_per_call {self.fine_rows_per_call} must be at least 1")
+    for name in ("fine_rows_per_call", "decode_frames_per_call"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
 
   def sampling(self, stage: str) -> decoding.SamplingConfig:
     index = stages_lib.STAGE_NAMES.index(stage)
@@ -194,8 +201,7 @@ class Generator:
     timings["fine"] = time.time() - started
     started = time.time()
     semantic, acoustic = semantic[:, :total], acoustic[:, :total * self.ratio]
-    tokenizers = self.bundle.tokenizers
-    audio = np.asarray(tokenizers.codec.decode(tokenizers.codec_variables, acoustic))
+    audio = self._decode(acoustic)
     timings["decode"] = time.time() - started
     return Generation(audio=audio, semantic=semantic, acoustic=acoustic, mulan=mulan,
                       seconds=timings, melody=melody)
@@ -366,6 +372,25 @@ class Generator:
       window = self.layout.acoustic_codes(ids.reshape(len(ids), -1, levels))
       coarse = np.concatenate([coarse, window[:, known.shape[1]:].astype(np.int32)], axis=1)
     return coarse
+
+  def _decode(self, acoustic: np.ndarray) -> np.ndarray:
+    """Waveform `[B, frames * 480]` of all levels `[B, frames, levels]`: one call when
+    the piece fits in `decode_frames_per_call` frames, else the decoder's stream
+    (its causal context carried from chunk to chunk) over chunks of that many
+    frames, the last padded with code 0 and cut: one compiled decoder for any
+    length, and activations bounded by the chunk."""
+    tokenizers = self.bundle.tokenizers
+    codec, variables = tokenizers.codec, tokenizers.codec_variables
+    frames, per_call = acoustic.shape[1], self.config.decode_frames_per_call
+    if frames <= per_call:
+      return np.asarray(codec.decode(variables, acoustic))
+    codes = np.pad(acoustic, ((0, 0), (0, -frames % per_call), (0, 0)))
+    state, chunks = None, []
+    for start in range(0, codes.shape[1], per_call):
+      chunk, state = codec.decode_stream(variables, codes[:, start:start + per_call], state)
+      chunks.append(np.asarray(chunk))
+    samples_per_frame = chunks[0].shape[1] // per_call
+    return np.concatenate(chunks, axis=1)[:, :frames * samples_per_frame]
 
   def _fine(self, coarse, acoustic, given, total, seeds) -> np.ndarray:
     """All levels `[B, 2 * total, levels]`: the prompt's, then fine windows over the
