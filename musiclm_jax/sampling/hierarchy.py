@@ -394,7 +394,8 @@ class Generator:
 
   def _fine(self, coarse, acoustic, given, total, seeds) -> np.ndarray:
     """All levels `[B, 2 * total, levels]`: the prompt's, then fine windows over the
-    rest, all windows (of one length) of all rows in one batch."""
+    rest, all windows (of one length) of all rows sampled together, in calls of at
+    most `fine_rows_per_call` rows (the last filled up with copies of a row)."""
     stage = self.bundle.stages["fine"].stage
     batch = coarse.shape[0]
     windows = [(start * self.ratio, end * self.ratio)
