@@ -18,9 +18,9 @@
 # whole output to OUT_DIR/gpu_checks.log, the GPU's name to OUT_DIR/device.txt.
 #
 # The GPU image has jax, flax, optax, orbax and numpy but neither TensorFlow
-# (no step needs it) nor gin, soundfile, soxr and google-crc32c. Those travel as wheels in
-# .whl/, and the hierarchy's tokenizer runs (their weights do not change its
-# cost) in .gpu_runs/, both ignored by git:
+# (no step needs it) nor gin, soundfile, soxr and google-crc32c. Those travel
+# as wheels in .whl/, and the hierarchy's tokenizer runs (their weights do not
+# change its cost) in .gpu_runs/, both ignored by git:
 #   bash benchmarks/gpu_checks.sh --prepare [RUNS]     # here, once (PyPI): the wheels,
 #                                                      # and the soundstream, w2v_bert
 #                                                      # and mulan runs of RUNS (default

@@ -129,6 +129,12 @@ class Generation:
   melody: Optional[np.ndarray] = None
 
 
+def _filled_up(rows: np.ndarray, pad: int) -> np.ndarray:
+  """`rows [n, ...]` and `pad` copies of its last row: extra rows of a batch whose
+  outputs are dropped (rows are sampled independently, so they change nothing)."""
+  return np.concatenate([rows, np.repeat(rows[-1:], pad, axis=0)])
+
+
 class Generator:
   """Samples a bundle's hierarchy; see the module docstring.
 
@@ -326,8 +332,7 @@ class Generator:
                                         self.config.sampling(name), unconditional, prompt))
     rows = len(prefix)
     pad = -rows % self.partitioner.data_parallel_size
-    args = [None if a is None else np.concatenate([a, np.repeat(a[:1], pad, axis=0)])
-            for a in args]
+    args = [None if a is None else _filled_up(a, pad) for a in args]
     prefix, seeds, unconditional, prompt = args
     with self.partitioner.activate():
       ids = decoding.sample(model, params, prefix, lo, hi, seeds, self.config.sampling(name),
@@ -410,8 +415,7 @@ class Generator:
     rows = len(prefix)
     per_call = min(rows, self.config.fine_rows_per_call)
     pad = -rows % per_call  # the last call filled up: one shape for every call
-    prefix = np.concatenate([prefix, np.repeat(prefix[-1:], pad, axis=0)])
-    row_seeds = np.concatenate([row_seeds, np.repeat(row_seeds[-1:], pad)])
+    prefix, row_seeds = _filled_up(prefix, pad), _filled_up(row_seeds, pad)
     ids = np.concatenate([
         self._sample("fine", prefix[i:i + per_call], lo, hi, row_seeds[i:i + per_call])
         for i in range(0, len(prefix), per_call)])[:rows]

@@ -187,11 +187,11 @@ def infer(generator: Generator, prompts_path: str, output_dir: str, batch_size: 
         # with copies of its last row, so that it reuses the programs the group's
         # first batch compiled; rows are independent, and the copies are dropped.
         pad = batch_size - len(batch) if len(group) > batch_size else 0
+        filled = batch + batch[-1:] * pad
         melody = ({"melody_audio": melodies + melodies[-1:] * pad, "melody_sample_rate": rate}
                   if melodies else {})
-        result = generator.generate([item["segments"] for item in batch + batch[-1:] * pad],
-                                    [item["seed"] for item in batch + batch[-1:] * pad],
-                                    **melody)
+        result = generator.generate([item["segments"] for item in filled],
+                                    [item["seed"] for item in filled], **melody)
         for row, item in enumerate(batch):
           tokens = {"semantic": result.semantic[row], "acoustic": result.acoustic[row],
                     "mulan": result.mulan[row]}
